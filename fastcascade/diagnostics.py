@@ -1,0 +1,68 @@
+"""Count what stalls a GPU: scalar reads and host↔device copies, per scan.
+
+``SyncCounter`` is a ``TorchDispatchMode``: it sees every ATen call, on the CPU as on a
+GPU, so CI can check the count without a GPU. Counted as syncs: ``.item()``/``float()``
+of a tensor (``_local_scalar_dense``), ``nonzero``, ``masked_select``, boolean-mask
+indexing (which calls ``nonzero`` inside) and ``unique``. Copies between devices are
+counted separately with their size in bytes.
+
+>>> import torch
+>>> with SyncCounter() as counter:
+...     _ = torch.arange(4)[torch.arange(4) > 1]
+>>> counter.syncs
+1
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+_SYNC_OPS = {
+    aten._local_scalar_dense.default: "item",
+    aten.nonzero.default: "nonzero",
+    aten.masked_select.default: "masked_select",
+    aten._unique2.default: "unique",
+}
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()
+    )
+
+
+class SyncCounter(TorchDispatchMode):
+    """Context manager counting host syncs (``syncs``, ``by_op``) and cross-device copies
+    (``transfers``: list of ``(src_device, dst_device, bytes)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_op: Counter[str] = Counter()
+        self.transfers: list[tuple[str, str, int]] = []
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.by_op.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _SYNC_OPS.get(func)
+        if name is None and func is aten.index.Tensor and _has_bool_index(args):
+            name = "bool_index"
+        if name is not None:
+            self.by_op[name] += 1
+        out = func(*args, **kwargs)
+        if func in (aten._to_copy.default, aten.copy_.default):
+            src = args[1] if func is aten.copy_.default else args[0]
+            dst = out if func is aten._to_copy.default else args[0]
+            if isinstance(src, torch.Tensor) and src.device != dst.device:
+                self.transfers.append(
+                    (str(src.device), str(dst.device), src.numel() * src.element_size())
+                )
+        return out

@@ -1,0 +1,177 @@
+"""The tile grid over a candidate mask, and one stage run tile by tile.
+
+A stage's network maps an input tile of ``in_size`` voxels to an output tile of
+``out_size`` voxels centred in it (``margin = (in - out) / 2`` per side; 0 for a
+``"same"``-padded network). Output tiles sit on a regular lattice of ``step`` voxels:
+``step == out`` gives non-overlapping tiles (stage 1 and the original stage 2), a step of
+half a tile along x and y with a full step along z has every voxel seen 4x (the paper's
+overlapping stage 2). On overlapping axes the lattice starts before the volume so that
+border voxels are covered as often as inner ones; the volume is padded with air so every
+tile has full context.
+
+Tile skipping: a tile whose output region holds no candidate voxel is not computed. The
+decision runs on the mask's device with pooling, and costs one host sync per stage (the
+number of tiles to run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .ops.stitch import accumulate, finalize, tile_weight
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A lattice of output tiles covering a volume of ``shape`` voxels.
+
+    ``first[a]`` is the lattice's first output origin along axis ``a`` (≤ 0) and
+    ``counts[a]`` the number of tiles along it; the accumulator spans
+    ``extent[a] = (counts[a] - 1) * step[a] + out_size[a]`` voxels from ``first[a]``.
+    """
+
+    shape: tuple[int, int, int]
+    in_size: tuple[int, int, int]
+    out_size: tuple[int, int, int]
+    step: tuple[int, int, int]
+    first: tuple[int, int, int]
+    counts: tuple[int, int, int]
+
+    @property
+    def margin(self) -> tuple[int, ...]:
+        return tuple((i - o) // 2 for i, o in zip(self.in_size, self.out_size))
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        return tuple((c - 1) * s + o for c, s, o in zip(self.counts, self.step, self.out_size))
+
+    @property
+    def num_tiles(self) -> int:
+        return math.prod(self.counts)
+
+    def origins(self) -> torch.Tensor:
+        """All tiles' output origins relative to the accumulator, long ``(T, 3)``, C order."""
+        axes = [torch.arange(c) * s for c, s in zip(self.counts, self.step)]
+        return torch.cartesian_prod(*axes).reshape(-1, 3)
+
+
+def make_grid(
+    shape: tuple[int, ...],
+    in_size: tuple[int, ...],
+    out_size: tuple[int, ...],
+    step: tuple[int, ...] | None = None,
+) -> TileGrid:
+    """Lattice of output tiles of ``out_size`` every ``step`` voxels covering ``shape``."""
+    step = tuple(out_size) if step is None else tuple(int(s) for s in step)
+    if any(s < 1 or s > o for s, o in zip(step, out_size)):
+        raise ValueError(f"tile step must be within 1..{tuple(out_size)} voxels, got {step}")
+    first, counts = [], []
+    for n, o, s in zip(shape, out_size, step):
+        # Start early enough that voxel 0 is covered by as many tiles as an inner voxel.
+        f = -((o - s) // s) * s if s < o else 0
+        # Every origin before the volume's end: the last voxel is covered as often too.
+        counts.append(max(1, math.ceil((n - f) / s)))
+        first.append(f)
+    return TileGrid(
+        tuple(shape), tuple(in_size), tuple(out_size), step, tuple(first), tuple(counts)
+    )
+
+
+def overlap_step(out_size: tuple[int, ...], fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """Lattice step in voxels for step ``fractions`` of the output tile per axis."""
+    return tuple(max(1, round(o * f)) for o, f in zip(out_size, fractions))
+
+
+def active_tiles(grid: TileGrid, mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean ``(T,)`` on the mask's device: which tiles' output regions touch ``mask``.
+
+    ``mask=None`` selects every tile (the original's approach).
+    """
+    if mask is None:
+        return torch.ones(grid.num_tiles, dtype=torch.bool)
+    m = _place(mask.to(torch.float16 if mask.is_cuda else torch.float32), grid, 0.0, out=True)
+    # Any-pooling in two passes: blocks of g = gcd(step, out) voxels, then each tile's
+    # out/g consecutive blocks every step/g blocks.
+    g = [math.gcd(s, o) for s, o in zip(grid.step, grid.out_size)]
+    blocks = F.max_pool3d(m[None, None], kernel_size=g, stride=g)
+    kernel = [o // gi for o, gi in zip(grid.out_size, g)]
+    stride = [s // gi for s, gi in zip(grid.step, g)]
+    tiles = F.max_pool3d(blocks, kernel_size=kernel, stride=stride)[0, 0]
+    assert tuple(tiles.shape) == grid.counts, (tiles.shape, grid.counts)
+    return tiles.reshape(-1) > 0
+
+
+def _place(volume: torch.Tensor, grid: TileGrid, fill: float, out: bool) -> torch.Tensor:
+    """``volume`` (…, X, Y, Z) padded with ``fill`` onto the accumulator frame (``out``)
+    or onto the input frame, which adds the margin on each side."""
+    pads = []
+    for a in reversed(range(3)):
+        lo = -grid.first[a] + (0 if out else grid.margin[a])
+        hi = grid.extent[a] + grid.first[a] - volume.shape[-3 + a]
+        hi += 0 if out else grid.in_size[a] - grid.out_size[a] - grid.margin[a]
+        pads += [lo, hi]
+    if volume.dim() == 3:
+        return F.pad(volume[None], pads, value=fill)[0]
+    return F.pad(volume, pads, value=fill)
+
+
+@dataclass
+class StageOutput:
+    labels: torch.Tensor  # uint8 (X, Y, Z), background outside the mask
+    probabilities: torch.Tensor | None  # float32 (C, X, Y, Z)
+    tiles_computed: int
+    tiles_total: int
+
+
+def run_stage(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    grid: TileGrid,
+    num_classes: int,
+    pad_value: float,
+    *,
+    skip_empty: bool = True,
+    weight_mode: str = "constant",
+    batch_size: int = 2,
+    probabilities: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> StageOutput:
+    """Run ``network`` over the tiles of ``grid`` and stitch softmax probabilities.
+
+    ``image`` is the normalised volume (X, Y, Z) float32, ``mask`` the candidate region
+    (bool, same shape); both on the device the network runs on. Labels are the argmax
+    of the weighted accumulation, background outside ``mask``.
+    """
+    device = image.device
+    padded = _place(image, grid, pad_value, out=False)
+    selected = active_tiles(grid, mask if skip_empty else None).to(device)
+    origins = grid.origins().to(device)[selected]  # one host sync: the tile count
+    total = origins.shape[0]
+    acc = torch.zeros((num_classes, *grid.extent), dtype=torch.float32, device=device)
+    weight_sum = torch.zeros(grid.extent, dtype=torch.float32, device=device)
+    weight = tile_weight(grid.out_size, weight_mode).to(device)
+    offsets = [torch.arange(n, device=device) for n in grid.in_size]
+    for start in range(0, total, batch_size):
+        o = origins[start : start + batch_size]
+        # Input tile of the output origin o starts at o in the input frame (margin added
+        # by _place); gather all tiles of the batch with one advanced index.
+        ix = (o[:, 0, None] + offsets[0])[:, :, None, None]
+        iy = (o[:, 1, None] + offsets[1])[:, None, :, None]
+        iz = (o[:, 2, None] + offsets[2])[:, None, None, :]
+        tiles = padded[ix, iy, iz][:, None]
+        logits = network(tiles)
+        probs = torch.softmax(logits.float(), dim=1)
+        accumulate(acc, weight_sum, probs, o, weight)
+        if progress is not None:
+            progress(min(start + batch_size, total), total)
+    crop = tuple(slice(-f, -f + n) for f, n in zip(grid.first, grid.shape))
+    probs, labels = finalize(
+        acc[(slice(None), *crop)], weight_sum[crop], mask=mask, probabilities=probabilities
+    )
+    return StageOutput(labels, probs, total, grid.num_tiles)

@@ -1,0 +1,118 @@
+"""Tile lattice, tile skipping and one stage run, against brute-force oracles."""
+
+import itertools
+
+import pytest
+import torch
+
+from fastcascade.tiling import active_tiles, make_grid, run_stage
+
+
+def coverage(grid):
+    """How often each voxel of the volume is inside an output tile (brute force)."""
+    count = torch.zeros(grid.shape, dtype=torch.int32)
+    for o in grid.origins().tolist():
+        lo = [oi + f for oi, f in zip(o, grid.first)]
+        sl = tuple(slice(max(a, 0), max(a + s, 0)) for a, s in zip(lo, grid.out_size))
+        count[sl] += 1
+    return count
+
+
+@pytest.mark.parametrize(
+    "shape,out,step,times",
+    [
+        ((20, 17, 9), (8, 8, 4), None, 1),
+        ((5, 5, 5), (8, 8, 8), None, 1),  # a volume smaller than one tile
+        ((21, 19, 13), (8, 8, 4), (4, 4, 4), 4),  # the paper's 4x overlap
+        ((16, 16, 16), (8, 8, 8), (4, 4, 4), 8),
+    ],
+    ids=["tiles", "smaller-than-tile", "overlap-4x", "overlap-8x"],
+)
+def test_every_voxel_covered_equally(shape, out, step, times):
+    grid = make_grid(shape, out, out, step)
+    assert (coverage(grid) == times).all()
+
+
+def brute_force_active(grid, mask):
+    active = []
+    for o in grid.origins().tolist():
+        lo = [oi + f for oi, f in zip(o, grid.first)]
+        sl = tuple(slice(max(a, 0), max(a + s, 0)) for a, s in zip(lo, grid.out_size))
+        active.append(bool(mask[sl].any()))
+    return torch.tensor(active)
+
+
+@pytest.mark.parametrize("step", [None, (3, 3, 6), (2, 4, 6)], ids=["tiles", "half", "mixed"])
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.05, 1.0], ids=lambda d: f"density{d}")
+def test_active_tiles_match_brute_force(step, density):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand((23, 19, 14), generator=g) < density
+    grid = make_grid(mask.shape, (10, 10, 8), (6, 6, 6), step)
+    torch.testing.assert_close(active_tiles(grid, mask), brute_force_active(grid, mask))
+
+
+class Pointwise(torch.nn.Module):
+    """A 'network' whose logits depend on each voxel alone, cropped like a valid U-Net."""
+
+    def __init__(self, classes, margin):
+        super().__init__()
+        self.classes, self.margin = classes, margin
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        m = self.margin
+        if m:
+            x = x[:, :, m:-m, m:-m, m:-m]
+        k = torch.arange(self.classes, dtype=x.dtype).view(1, -1, 1, 1, 1)
+        return torch.sin(3.0 * x * (k + 1)) + 0.1 * k
+
+
+@pytest.mark.parametrize(
+    "step,weights", [(None, "constant"), ((3, 3, 6), "constant"), ((3, 3, 6), "gaussian")],
+    ids=["tiles", "overlap", "overlap-gaussian"],
+)
+@pytest.mark.parametrize("margin", [0, 2], ids=["same", "valid"])
+def test_run_stage_reconstructs_pointwise_network(step, weights, margin):
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand((17, 13, 11), generator=g) * 2 - 1
+    mask = torch.zeros(image.shape, dtype=torch.bool)
+    mask[3:12, 2:9, 1:10] = True
+    net = Pointwise(4, margin)
+    out = (6, 6, 6)
+    grid = make_grid(image.shape, tuple(o + 2 * margin for o in out), out, step)
+    result = run_stage(net, image, mask, grid, 4, pad_value=-1.0, weight_mode=weights,
+                       batch_size=3, probabilities=True)
+    want = torch.softmax(net(image[None, None] if not margin else
+                             torch.nn.functional.pad(image, [margin] * 6)[None, None]), 1)[0]
+    expected_labels = want.argmax(0).to(torch.uint8) * mask
+    assert torch.equal(result.labels, expected_labels)
+    inside = mask.expand_as(want)
+    torch.testing.assert_close(result.probabilities[inside], want[inside], rtol=1e-6, atol=1e-6)
+    assert result.tiles_computed == int(brute_force_active(grid, mask).sum())
+    assert result.tiles_total == grid.num_tiles
+
+
+def test_skipping_gives_the_same_labels_as_every_tile():
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand((20, 20, 12), generator=g)
+    mask = torch.zeros(image.shape, dtype=torch.bool)
+    mask[2, 3, 4] = mask[15, 17, 10] = True
+    grid = make_grid(image.shape, (8, 8, 6), (8, 8, 6))
+    full = run_stage(Pointwise(3, 0), image, mask, grid, 3, -1.0, skip_empty=False)
+    net = Pointwise(3, 0)
+    sparse = run_stage(net, image, mask, grid, 3, -1.0, skip_empty=True)
+    assert torch.equal(full.labels, sparse.labels)
+    assert full.tiles_computed == grid.num_tiles == 18
+    assert sparse.tiles_computed == net.calls == 2
+
+
+def test_bad_step():
+    with pytest.raises(ValueError, match="step"):
+        make_grid((10, 10, 10), (4, 4, 4), (4, 4, 4), (5, 4, 4))
+
+
+def test_origins_in_c_order():
+    grid = make_grid((9, 9, 9), (4, 4, 4), (4, 4, 4))
+    want = list(itertools.product(range(0, 12, 4), repeat=3))
+    assert [tuple(o) for o in grid.origins().tolist()] == want
