@@ -1,0 +1,294 @@
+"""Scans in: any CT volume → float32 HU in canonical RAS (x, y, z), and back again.
+
+``load_scan`` accepts a path, a nibabel image, a numpy array or a torch tensor, checks it
+(3D, finite, numeric, a CT and not a label map, a sane voxel size) and brings it to the
+canonical orientation used throughout fastcascade: axis 0 towards the patient's right,
+axis 1 anterior, axis 2 superior (RAS), spacing in mm in that order. Only flips and an
+axis permutation are applied, the closest ones to the input's affine (nibabel's
+``io_orientation``), so no voxel is interpolated and ``Scan.to_input_grid`` inverts the
+change exactly. Both directions use ``torch.flip``/``permute`` only: a CUDA tensor stays
+on its device.
+
+Label-map rule: a volume is refused as a label map when all its values are whole numbers,
+the smallest is ≥ 0 and it holds between 2 and ``LABEL_MAP_MAX_VALUES`` (128) distinct
+values. A CT in HU always has voxels below 0 (air about -1000 HU around the body, fat,
+lungs), so a genuine CT never matches; a CT stored as raw unsigned values has hundreds
+of distinct values; a uniform volume (e.g. all air) is not refused.
+
+Checks that read values (finite, label map) cost one scalar read from the device, plus
+at most three more when the smallest value is ≥ 0.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel import orientations
+
+from .nifti import load_nifti, read_voxels, spatial_shape
+
+#: Orientation of every ``Scan.data``.
+CANONICAL_AXCODES = ("R", "A", "S")
+
+#: At most this many distinct whole non-negative values make a volume a label map.
+LABEL_MAP_MAX_VALUES = 128
+
+
+@dataclass
+class Scan:
+    """A CT scan in canonical RAS orientation, with what is needed to go back.
+
+    ``data``: (x, y, z) float32 HU, RAS; on the input tensor's device, else the CPU (it
+    shares memory with a float32 input whenever no flip is needed). ``spacing``: voxel
+    size in mm along (x, y, z). ``affine``: 4x4 voxel → mm affine of ``data``.
+    ``input_affine`` / ``input_shape``: the input's own affine and 3D shape. ``header``:
+    the input's NIfTI header if it came from a file or image (label files reuse its
+    geometry codes), else ``None``. ``path``: the source file, if any (writers refuse to
+    overwrite it).
+
+    >>> scan = load_scan(np.full((4, 5, 6), -1000.0, np.float32), spacing=(1.0, 1.0, 2.5))
+    >>> scan.data.shape, scan.spacing
+    (torch.Size([4, 5, 6]), (1.0, 1.0, 2.5))
+    """
+
+    data: torch.Tensor
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    input_affine: np.ndarray
+    input_shape: tuple[int, int, int]
+    header: nib.Nifti1Header | None = None
+    path: Path | None = None
+
+    def _orientation(self) -> np.ndarray:
+        return _orientation(self.input_affine)
+
+    def to_input_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., x, y, z) on the canonical grid → (..., i, j, k) on the input's grid.
+
+        Exact inverse of what ``load_scan`` did (flips and a permutation; leading dims
+        kept); any dtype, any device. The result may be a view of ``t``.
+
+        >>> scan.to_input_grid(labels).shape == scan.input_shape  # doctest: +SKIP
+        True
+        """
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor (..., x, y, z), got {type(t).__name__}")
+        if t.ndim < 3 or tuple(t.shape[-3:]) != tuple(self.data.shape):
+            raise ValueError(
+                f"tensor has shape {tuple(t.shape)}; expected (..., "
+                f"{', '.join(map(str, self.data.shape))}) on the scan's canonical grid"
+            )
+        ornt = self._orientation()
+        lead = t.ndim - 3
+        perm = [int(a) for a in ornt[:, 0]]  # input axis i is canonical axis perm[i]
+        if perm != [0, 1, 2]:
+            t = t.permute(*range(lead), *(lead + a for a in perm))
+        flips = [lead + i for i in range(3) if ornt[i, 1] < 0]
+        return torch.flip(t, flips) if flips else t
+
+    def from_input_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., i, j, k) on the input's grid → (..., x, y, z) canonical (e.g. reference labels).
+
+        >>> torch.equal(scan.from_input_grid(scan.to_input_grid(scan.data)), scan.data)
+        ... # doctest: +SKIP
+        True
+        """
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor (..., i, j, k), got {type(t).__name__}")
+        if t.ndim < 3 or tuple(t.shape[-3:]) != tuple(self.input_shape):
+            raise ValueError(
+                f"tensor has shape {tuple(t.shape)}; expected (..., "
+                f"{', '.join(map(str, self.input_shape))}) on the input's grid"
+            )
+        return _to_canonical(t, self._orientation())
+
+
+def load_scan(
+    volume: str | os.PathLike | nib.spatialimages.SpatialImage | np.ndarray | torch.Tensor,
+    spacing: tuple[float, float, float] | None = None,
+    affine: np.ndarray | None = None,
+) -> Scan:
+    """Load and check a CT volume and bring it to canonical RAS orientation.
+
+    ``volume``: a ``.nii``/``.nii.gz`` path, a nibabel image, or an (x, y, z) numpy
+    array / torch tensor of HU values (integer or floating; a trailing axis of length 1
+    is dropped). Arrays and tensors need either ``spacing`` (3 positive finite mm along
+    their axes; the array is then taken as already RAS) or ``affine`` (4x4 voxel → mm
+    world RAS+; the array is reoriented through it), not both. Files and images carry
+    their own geometry, so neither may be given with them.
+
+    Raises ``TypeError`` for an unsupported input type or non-numeric data, and
+    ``ValueError`` for anything else wrong (dims, NaN/Inf, spacing, a label map, an
+    unreadable file), naming the problem and what was expected; ``FileNotFoundError``
+    for a missing file.
+
+    >>> ct = torch.full((8, 8, 4), -1000.0)
+    >>> scan = load_scan(ct, affine=np.diag([-0.8, -0.8, 2.0, 1.0]))  # LPS
+    >>> scan.spacing, scan.data.shape
+    ((0.8, 0.8, 2.0), torch.Size([8, 8, 4]))
+    """
+    if isinstance(volume, str | os.PathLike):
+        _refuse_geometry(spacing, affine, "a file")
+        path = Path(volume)
+        img = load_nifti(path)
+        shape = spatial_shape(img.shape, f"scan {path}")
+        _check_dtype(np.dtype(img.get_data_dtype()), f"scan {path}")
+        data = torch.from_numpy(read_voxels(img, path).reshape(shape))
+        return _make_scan(data, img.affine, img.header, path, f"scan {path}")
+    if isinstance(volume, nib.spatialimages.SpatialImage):
+        _refuse_geometry(spacing, affine, "a nibabel image")
+        shape = spatial_shape(volume.shape, "image")
+        _check_dtype(np.dtype(volume.get_data_dtype()), "image")
+        data = torch.from_numpy(read_voxels(volume, "image").reshape(shape))
+        header = volume.header if isinstance(volume.header, nib.Nifti1Header) else None
+        return _make_scan(data, volume.affine, header, None, "image")
+    if isinstance(volume, np.ndarray):
+        shape = spatial_shape(volume.shape, "volume")
+        _check_dtype(volume.dtype, "volume")
+        arr = volume.reshape(shape)
+        if arr.dtype != np.float32 or not arr.dtype.isnative or not arr.flags.writeable:
+            arr = arr.astype(np.float32)  # a copy: torch needs native, writable memory
+        if any(s < 0 for s in arr.strides):
+            arr = np.ascontiguousarray(arr)
+        data = torch.from_numpy(arr)
+    elif isinstance(volume, torch.Tensor):
+        shape = spatial_shape(volume.shape, "volume")
+        if volume.dtype in (torch.bool,) or volume.dtype.is_complex:
+            raise TypeError(
+                f"volume has dtype {volume.dtype}; expected integer or floating HU values"
+            )
+        data = volume.detach().reshape(shape).to(torch.float32)
+    else:
+        raise TypeError(
+            f"volume is a {type(volume).__name__}; expected a path to a .nii/.nii.gz file, a "
+            "nibabel image, a numpy array or a torch tensor"
+        )
+    input_affine = _array_affine(spacing, affine)
+    return _make_scan(data, input_affine, None, None, "volume")
+
+
+def _make_scan(
+    data: torch.Tensor, input_affine: Any, header: Any, path: Path | None, what: str
+) -> Scan:
+    input_affine = _check_affine(input_affine, what)
+    _check_values(data, what)
+    ornt = _orientation(input_affine)
+    canonical = _to_canonical(data, ornt)
+    affine = input_affine @ orientations.inv_ornt_aff(ornt, tuple(data.shape))
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    return Scan(
+        data=canonical,
+        spacing=spacing,
+        affine=affine,
+        input_affine=input_affine,
+        input_shape=tuple(int(s) for s in data.shape),
+        header=header,
+        path=path,
+    )
+
+
+def _orientation(affine: np.ndarray) -> np.ndarray:
+    """(3, 2) nibabel orientation: input axis i → canonical axis ``[i, 0]``, flip ``[i, 1]``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not a valid affine" cases are checked before
+        current = orientations.io_orientation(affine)
+    return orientations.ornt_transform(current, orientations.axcodes2ornt(CANONICAL_AXCODES))
+
+
+def _to_canonical(t: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
+    """Apply ``ornt`` to the last three dims as nibabel's ``apply_orientation`` does."""
+    lead = t.ndim - 3
+    flips = [lead + i for i in range(3) if ornt[i, 1] < 0]
+    if flips:
+        t = torch.flip(t, flips)
+    order = [int(a) for a in np.argsort(ornt[:, 0])]  # canonical axis k is input axis order[k]
+    if order != [0, 1, 2]:
+        t = t.permute(*range(lead), *(lead + a for a in order))
+    return t
+
+
+def _refuse_geometry(spacing: Any, affine: Any, what: str) -> None:
+    if spacing is not None or affine is not None:
+        raise ValueError(
+            f"spacing/affine were given with {what}, which carries its own geometry; "
+            "pass them only with a numpy array or torch tensor"
+        )
+
+
+def _check_dtype(dtype: np.dtype, what: str) -> None:
+    if dtype.kind not in "iuf":
+        raise TypeError(f"{what} has dtype {dtype}; expected integer or floating HU values")
+
+
+def _array_affine(spacing: Any, affine: Any) -> np.ndarray:
+    if spacing is not None and affine is not None:
+        raise ValueError("give either spacing or affine for an array, not both")
+    if affine is not None:
+        if isinstance(affine, torch.Tensor):
+            affine = affine.detach().cpu().numpy()
+        try:
+            return np.array(affine, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"affine must be a 4x4 matrix of numbers, got {affine!r}") from e
+    if spacing is None:
+        raise ValueError(
+            "an array or tensor needs its geometry: spacing=(sx, sy, sz) in mm (array "
+            "already RAS) or affine=<4x4 voxel-to-mm matrix>"
+        )
+    if isinstance(spacing, torch.Tensor):
+        spacing = spacing.tolist()
+    try:
+        values = [float(s) for s in spacing]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"spacing must be 3 numbers in mm, got {spacing!r}") from e
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing is {tuple(values)}; expected 3 positive finite values in mm")
+    return np.diag([*values, 1.0])
+
+
+def _check_affine(affine: Any, what: str) -> np.ndarray:
+    affine = np.array(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine of {what} has shape {affine.shape}; expected (4, 4)")
+    if not np.isfinite(affine).all():
+        raise ValueError(f"affine of {what} has NaN or infinite entries")
+    if not np.allclose(affine[3], [0, 0, 0, 1]):
+        raise ValueError(f"affine of {what} has last row {affine[3]}; expected [0, 0, 0, 1]")
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    if not (zooms > 0).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * np.prod(zooms):
+        raise ValueError(
+            f"affine of {what} is singular (voxel sizes {zooms.tolist()} mm); expected "
+            "3 independent axes with positive voxel sizes"
+        )
+    return affine
+
+
+def _check_values(data: torch.Tensor, what: str) -> None:
+    lo, hi = torch.stack(list(torch.aminmax(data))).tolist()  # NaN propagates: one read
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        n_nan = int(torch.isnan(data).sum())
+        n_inf = int(torch.isinf(data).sum())
+        raise ValueError(
+            f"{what} has {n_nan} NaN and {n_inf} infinite voxels; expected finite HU values"
+        )
+    if lo < 0 or lo == hi:
+        return
+    if not torch.equal(data, torch.round(data)):
+        return
+    flat = data.reshape(-1)
+    step = max(1, flat.numel() // 65536)
+    if torch.unique(flat[::step]).numel() > LABEL_MAP_MAX_VALUES:
+        return
+    n = torch.unique(flat).numel()
+    if n <= LABEL_MAP_MAX_VALUES:
+        raise ValueError(
+            f"{what} looks like a label map, not a CT: {n} distinct whole values in "
+            f"[{lo:g}, {hi:g}]; expected HU intensities (a CT has voxels below 0 HU)"
+        )
