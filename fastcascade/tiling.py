@@ -140,6 +140,7 @@ def run_stage(
     weight_mode: str = "constant",
     batch_size: int = 2,
     probabilities: bool = False,
+    slabs: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> StageOutput:
     """Run ``network`` over the tiles of ``grid`` and stitch softmax probabilities.
@@ -147,31 +148,100 @@ def run_stage(
     ``image`` is the normalised volume (X, Y, Z) float32, ``mask`` the candidate region
     (bool, same shape); both on the device the network runs on. Labels are the argmax
     of the weighted accumulation, background outside ``mask``.
+
+    Memory: the fp32 accumulator is ``num_classes`` volumes of the lattice's extent;
+    ``slabs > 1`` stitches the volume in that many slabs along x, each with its own
+    accumulator (tiles straddling two slabs run twice). On a GPU out-of-memory error
+    (that error only) a failing batch of tiles is split in halves, and at one tile per
+    batch the stage restarts with twice the slabs; results are the same either way.
     """
     device = image.device
     padded = _place(image, grid, pad_value, out=False)
     selected = active_tiles(grid, mask if skip_empty else None).to(device)
     origins = grid.origins().to(device)[selected]  # one host sync: the tile count
-    total = origins.shape[0]
-    acc = torch.zeros((num_classes, *grid.extent), dtype=torch.float32, device=device)
-    weight_sum = torch.zeros(grid.extent, dtype=torch.float32, device=device)
     weight = tile_weight(grid.out_size, weight_mode).to(device)
-    offsets = [torch.arange(n, device=device) for n in grid.in_size]
-    for start in range(0, total, batch_size):
-        o = origins[start : start + batch_size]
-        # Input tile of the output origin o starts at o in the input frame (margin added
-        # by _place); gather all tiles of the batch with one advanced index.
-        ix = (o[:, 0, None] + offsets[0])[:, :, None, None]
-        iy = (o[:, 1, None] + offsets[1])[:, None, :, None]
-        iz = (o[:, 2, None] + offsets[2])[:, None, None, :]
-        tiles = padded[ix, iy, iz][:, None]
-        logits = network(tiles)
-        probs = torch.softmax(logits.float(), dim=1)
-        accumulate(acc, weight_sum, probs, o, weight)
-        if progress is not None:
-            progress(min(start + batch_size, total), total)
-    crop = tuple(slice(-f, -f + n) for f, n in zip(grid.first, grid.shape))
-    probs, labels = finalize(
-        acc[(slice(None), *crop)], weight_sum[crop], mask=mask, probabilities=probabilities
-    )
-    return StageOutput(labels, probs, total, grid.num_tiles)
+    run = _TileRunner(network, padded, grid, weight, batch_size, progress, origins.shape[0])
+    while True:
+        try:
+            probs, labels = _stitch_slabs(run, origins, mask, grid, num_classes, slabs,
+                                          probabilities)
+            return StageOutput(labels, probs, run.done, grid.num_tiles)
+        except torch.cuda.OutOfMemoryError:
+            if slabs >= grid.counts[0]:
+                raise
+            slabs = min(2 * slabs, grid.counts[0])
+            run.restart()
+
+
+class _TileRunner:
+    """Gathers input tiles, runs the network and accumulates, halving batches on OOM."""
+
+    def __init__(self, network, padded, grid, weight, batch_size, progress, total):
+        self.network, self.padded, self.grid, self.weight = network, padded, grid, weight
+        self.batch_size, self.progress, self.total = batch_size, progress, total
+        self.offsets = [torch.arange(n, device=padded.device) for n in grid.in_size]
+        self.done = 0
+
+    def restart(self):
+        self.done = 0
+
+    def probabilities(self, o: torch.Tensor) -> torch.Tensor:
+        # The input tile of output origin o starts at o in the padded input frame; one
+        # advanced index gathers the whole batch.
+        ix = (o[:, 0, None] + self.offsets[0])[:, :, None, None]
+        iy = (o[:, 1, None] + self.offsets[1])[:, None, :, None]
+        iz = (o[:, 2, None] + self.offsets[2])[:, None, None, :]
+        tiles = self.padded[ix, iy, iz][:, None]
+        return torch.softmax(self.network(tiles).float(), dim=1)
+
+    def accumulate(self, acc, weight_sum, origins, shift):
+        start = 0
+        while start < origins.shape[0]:
+            o = origins[start : start + self.batch_size]
+            try:
+                probs = self.probabilities(o)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                continue
+            accumulate(acc, weight_sum, probs, o - shift, self.weight)
+            start += o.shape[0]
+            self.done += o.shape[0]
+            if self.progress is not None:
+                self.progress(min(self.done, self.total), self.total)
+
+
+def _stitch_slabs(run, origins, mask, grid, num_classes, slabs, probabilities):
+    device = mask.device
+    rows, step, out = grid.counts[0], grid.step[0], grid.out_size[0]
+    per = -(-rows // slabs)
+    lo_vox, hi_vox = -grid.first[0], -grid.first[0] + grid.shape[0]  # volume in acc coords
+    labels = torch.zeros(grid.shape, dtype=torch.uint8, device=device)
+    probs = None
+    if probabilities:
+        probs = torch.empty((num_classes, *grid.shape), dtype=torch.float32, device=device)
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        own_lo, own_hi = r0 * step, (r1 * step if r1 < rows else grid.extent[0])
+        # Rows whose tiles reach into [own_lo, own_hi).
+        first_row = max(0, (own_lo - out) // step + 1)
+        a, b = first_row * step, (r1 - 1) * step + out
+        part = origins
+        if slabs > 1:
+            part = origins[(origins[:, 0] >= a) & (origins[:, 0] < r1 * step)]
+        acc = torch.zeros((num_classes, b - a, *grid.extent[1:]), device=device)
+        weight_sum = torch.zeros((b - a, *grid.extent[1:]), device=device)
+        run.accumulate(acc, weight_sum, part, torch.tensor([a, 0, 0], device=device))
+        v0, v1 = max(own_lo, lo_vox), min(own_hi, hi_vox)  # this slab's volume voxels
+        if v0 >= v1:
+            continue
+        yz = tuple(slice(-f, -f + n) for f, n in zip(grid.first[1:], grid.shape[1:]))
+        local = (slice(v0 - a, v1 - a), *yz)
+        vol = slice(v0 - lo_vox, v1 - lo_vox)
+        p, lab = finalize(acc[(slice(None), *local)], weight_sum[local], mask=mask[vol],
+                          probabilities=probabilities)
+        labels[vol] = lab
+        if probs is not None:
+            probs[:, vol] = p
+    return probs, labels

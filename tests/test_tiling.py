@@ -116,3 +116,72 @@ def test_origins_in_c_order():
     grid = make_grid((9, 9, 9), (4, 4, 4), (4, 4, 4))
     want = list(itertools.product(range(0, 12, 4), repeat=3))
     assert [tuple(o) for o in grid.origins().tolist()] == want
+
+
+def overlap_case():
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand((30, 14, 9), generator=g) * 2 - 1
+    mask = torch.rand(image.shape, generator=g) < 0.3
+    grid = make_grid(image.shape, (10, 10, 10), (6, 6, 6), (3, 3, 6))
+    return image, mask, grid
+
+
+@pytest.mark.parametrize("slabs", [2, 3, 7, 12], ids=lambda s: f"slabs{s}")
+def test_slabs_give_the_same_result(slabs):
+    image, mask, grid = overlap_case()
+    net = Pointwise(3, 2)
+    whole = run_stage(net, image, mask, grid, 3, -1.0, probabilities=True)
+    sliced = run_stage(net, image, mask, grid, 3, -1.0, probabilities=True, slabs=slabs)
+    assert torch.equal(whole.labels, sliced.labels)
+    torch.testing.assert_close(whole.probabilities, sliced.probabilities, rtol=1e-6, atol=1e-7)
+
+
+class FakeAllocator:
+    """A device whose allocations over ``limit`` bytes fail like a full GPU."""
+
+    def __init__(self, limit):
+        self.limit, self.failures = limit, 0
+
+    def check(self, nbytes):
+        if nbytes > self.limit:
+            self.failures += 1
+            raise torch.cuda.OutOfMemoryError(f"fake allocator: {nbytes} > {self.limit} bytes")
+
+
+def test_out_of_memory_falls_back_to_smaller_batches_and_slabs(monkeypatch):
+    import fastcascade.tiling as tiling
+
+    image, mask, grid = overlap_case()
+    want = run_stage(Pointwise(3, 2), image, mask, grid, 3, -1.0, probabilities=True)
+    # The whole accumulator (3 x 36 x 18 x 12 fp32 = 93 kB) and batches over 2 tiles fail.
+    memory = FakeAllocator(limit=40_000)
+    batches = FakeAllocator(limit=2 * 10**3 * 4)
+    real_zeros = torch.zeros
+
+    def zeros(*size, **kw):
+        out = real_zeros(*size, **kw)
+        memory.check(out.numel() * out.element_size())
+        return out
+
+    class Net(Pointwise):
+        def forward(self, x):
+            batches.check(x.numel() * x.element_size())
+            return super().forward(x)
+
+    monkeypatch.setattr(tiling.torch, "zeros", zeros)
+    got = run_stage(Net(3, 2), image, mask, grid, 3, -1.0, probabilities=True, batch_size=8)
+    monkeypatch.undo()
+    assert memory.failures >= 1 and batches.failures >= 1  # sliced, and batches split
+    assert torch.equal(got.labels, want.labels)
+    torch.testing.assert_close(got.probabilities, want.probabilities, rtol=1e-6, atol=1e-7)
+
+
+def test_other_runtime_errors_are_not_swallowed():
+    image, mask, grid = overlap_case()
+
+    class Broken(Pointwise):
+        def forward(self, x):
+            raise RuntimeError("not a memory problem")
+
+    with pytest.raises(RuntimeError, match="not a memory problem"):
+        run_stage(Broken(3, 2), image, mask, grid, 3, -1.0)
