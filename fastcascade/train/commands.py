@@ -1,0 +1,250 @@
+"""The ``fastcascade train`` and ``fastcascade finetune`` commands.
+
+``register(subparsers)`` adds both to the ``fastcascade`` parser (``cli.py`` calls it);
+each command is ``_cmd_<name>(args) -> int``, the exit status.
+
+    $ fastcascade train --out runs/phantoms --iterations 2000
+    $ fastcascade train --out runs/ct --csv pairs.csv --label-map case_a --resume
+    $ fastcascade finetune --model runs/ct/model.safetensors --classes background,liver \\
+          --csv pairs.csv --label-map map.json --out runs/ft --iterations 500
+
+A CSV lists one training case per line, ``ct,labels`` (paths relative to the CSV's
+folder or absolute); a first line ``ct,labels`` is read as a header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from ..config import CASE_A_TO_CLASSES, CLASS_NAMES, Architecture, CascadeConfig, StageConfig
+
+LABEL_MAPS = {"case_a": CASE_A_TO_CLASSES}
+
+
+def default_config(
+    base_channels: int = 8,
+    levels: int = 4,
+    padding: str = "same",
+    spacing: float = 3.0,
+    tile: int = 64,
+    class_names=CLASS_NAMES,
+) -> CascadeConfig:
+    """The default (small) model's config: stage 1 windowed to [-1000, 1000] HU, stage 2
+    to the soft-tissue window [-200, 400] HU, isotropic ``spacing`` mm, ``tile``³ voxels."""
+    arch = Architecture(
+        in_channels=1,
+        num_classes=len(class_names),
+        base_channels=base_channels,
+        levels=levels,
+        padding=padding,
+    )
+    tiles = (tile, tile, tile)
+    return CascadeConfig(
+        class_names=tuple(class_names),
+        spacing=(spacing, spacing, spacing),
+        stage1=StageConfig(window=(-1000.0, 1000.0), tile=tiles, architecture=arch),
+        stage2=StageConfig(window=(-200.0, 400.0), tile=tiles, architecture=arch),
+    )
+
+
+def read_pairs(csv_path: str | Path) -> list[tuple[Path, Path]]:
+    """``(ct, labels)`` paths from a two-column CSV (see the module docstring)."""
+    csv_path = Path(csv_path)
+    pairs = []
+    with open(csv_path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            row = [c.strip() for c in row]
+            if not row or not any(row) or row[0].startswith("#"):
+                continue
+            if i == 0 and [c.lower() for c in row[:2]] == ["ct", "labels"]:
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{csv_path}:{i + 1}: expected 'ct,labels', got {row}")
+            pairs.append(
+                tuple(p if p.is_absolute() else csv_path.parent / p for p in map(Path, row))
+            )
+    if not pairs:
+        raise ValueError(f"{csv_path} lists no (ct, labels) pairs")
+    return pairs
+
+
+def read_label_map(value: str | None) -> dict[int, int] | None:
+    """``None``, a known name (``case_a``) or a JSON file ``{"file id": class id}``."""
+    if value is None or value == "none":
+        return None
+    if value in LABEL_MAPS:
+        return dict(LABEL_MAPS[value])
+    path = Path(value)
+    if not path.exists():
+        raise ValueError(
+            f"--label-map must be one of {sorted(LABEL_MAPS)}, 'none' or a JSON file; "
+            f"{value!r} is neither"
+        )
+    return {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def _source(args, spacing, seed):
+    from .dataset import NiftiSource, PhantomSource
+
+    if args.csv is not None:
+        return NiftiSource(read_pairs(args.csv), read_label_map(args.label_map), spacing, seed)
+    return PhantomSource(
+        spacing,
+        seed=seed,
+        pool_size=args.pool_size,
+        refresh_every=args.refresh_every,
+        contrasts=tuple(args.contrasts.split(",")),
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--csv", type=Path, help="CSV of ct,labels NIfTI pairs (default: phantoms)")
+    data.add_argument(
+        "--label-map", default=None, help="label ids onto classes: case_a, none or a JSON file"
+    )
+    data.add_argument("--pool-size", type=int, default=4, help="phantoms kept in memory")
+    data.add_argument("--refresh-every", type=int, default=8, help="draws between new phantoms")
+    data.add_argument(
+        "--contrasts", default="none,portal_venous", help="phantom contrast phases to mix"
+    )
+    run = p.add_argument_group("optimisation")
+    run.add_argument("--batch-size", type=int, default=2)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--checkpoint-every", type=int, default=50, help="iterations")
+    run.add_argument("--no-augment", action="store_true", help="no elastic/rigid augmentation")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    run.add_argument("--quiet", action="store_true", help="no per-iteration lines")
+    run.add_argument("--progress", action="store_true", help="a tqdm progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``finetune`` to the ``fastcascade`` command's subparsers."""
+    p = subparsers.add_parser(
+        "train",
+        help="train both stages of a cascade (phantoms or NIfTI pairs)",
+        description="Train stage 1 on the body mask, then stage 2 on the candidate regions "
+        "of the trained stage 1, and write OUT/model.safetensors + OUT/model.json.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--iterations", type=int, default=1000, help="per stage")
+    p.add_argument("--iterations2", type=int, default=None, help="stage 2 (default: same)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    arch = p.add_argument_group("model")
+    arch.add_argument("--base-channels", type=int, default=8)
+    arch.add_argument("--levels", type=int, default=4)
+    arch.add_argument("--padding", choices=("same", "valid"), default="same")
+    arch.add_argument("--spacing", type=float, default=3.0, help="working grid, mm")
+    arch.add_argument("--tile", type=int, default=64, help="sub-volume edge, voxels")
+    arch.add_argument(
+        "--stage2-regions",
+        choices=("stage1", "labels"),
+        default="stage1",
+        help="stage 2 trains on trained stage 1's candidates (the paper) or on the "
+        "dilated ground truth (faster, an approximation)",
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_train, parser=p)
+
+    f = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a cascade to another class list",
+        description="Keep a cascade's weights and the classifier rows of classes kept by "
+        "name, train both stages with a 10x smaller learning rate, write OUT/model.*.",
+    )
+    f.add_argument("--model", required=True, type=Path, help="cascade (.safetensors + .json)")
+    f.add_argument(
+        "--classes", required=True, help="new class names, comma-separated, or a JSON list file"
+    )
+    f.add_argument("--out", required=True, type=Path, help="output folder")
+    f.add_argument("--iterations", type=int, default=500, help="per stage")
+    f.add_argument("--lr", type=float, default=1e-3, help="learning rate before scaling")
+    f.add_argument("--lr-scale", type=float, default=0.1, help="the paper: 0.1")
+    _common(f)
+    f.set_defaults(func=_cmd_finetune, parser=f)
+
+
+def _setup(args) -> None:
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..io.checkpoint import save_cascade
+    from .trainer import ground_truth_candidates, stage1_candidates, train_stage
+
+    _setup(args)
+    config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
+    common = dict(
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        augment=not args.no_augment,
+        checkpoint_every=args.checkpoint_every,
+        log=None if args.quiet else print,
+        resume=args.resume,
+        device=args.device,
+        progress=args.progress,
+    )
+    stage1 = train_stage(
+        1, config, _source(args, config.spacing, args.seed), args.out, args.iterations, **common
+    )
+    if args.stage2_regions == "stage1":
+        candidates = stage1_candidates(stage1, config)
+    else:
+        candidates = ground_truth_candidates(config)
+    stage2 = train_stage(
+        2,
+        config,
+        _source(args, config.spacing, args.seed + 1),
+        args.out,
+        args.iterations if args.iterations2 is None else args.iterations2,
+        candidate_fn=candidates,
+        **common,
+    )
+    weights, cfg = save_cascade(args.out / "model", config, stage1, stage2)
+    print(f"wrote {weights} and {cfg}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    _setup(args)
+    if args.csv is None:
+        raise ValueError("finetune needs --csv with the new classes' training data")
+    classes = args.classes
+    if Path(classes).exists():
+        names = json.loads(Path(classes).read_text())
+    else:
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+    from ..io.checkpoint import load_config
+
+    spacing = load_config(args.model).spacing
+    finetune(
+        args.model,
+        names,
+        _source(args, spacing, args.seed),
+        args.out,
+        args.iterations,
+        lr_scale=args.lr_scale,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        augment=not args.no_augment,
+        checkpoint_every=args.checkpoint_every,
+        log=None if args.quiet else print,
+        resume=args.resume,
+        device=args.device,
+        progress=args.progress,
+    )
+    print(f"wrote {args.out / 'model.safetensors'} and {args.out / 'model.json'}")
+    return 0

@@ -1,0 +1,277 @@
+"""Training volumes on the working grid: synthetic phantoms or NIfTI (CT, labels) pairs.
+
+A source hands out whole volumes; the sampler cuts sub-volumes from them. Both sources
+give ``Volume(image_hu, labels, spacing, key)``: float32 ``(x, y, z)`` HU, uint8 class ids
+``(x, y, z)``, the working spacing in mm, and a ``key`` that names the volume (the same
+volume always has the same key, so callers may cache what they derive from it, e.g. its
+candidate region). Iterating a source yields ``(image_hu, labels, spacing)`` triples.
+
+Each source draws with its own ``torch.Generator``; ``state_dict()`` /
+``load_state_dict()`` capture everything needed to continue the same sequence of draws
+(plain tensors, ints and lists).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..ops.resample import resample, working_shape
+
+
+class Volume(NamedTuple):
+    """One training volume on the working grid (see the module docstring)."""
+
+    image_hu: torch.Tensor
+    labels: torch.Tensor
+    spacing: tuple[float, float, float]
+    key: str
+
+
+# -- resampling onto the working grid ---------------------------------------------------
+def to_working_grid(
+    image_hu: torch.Tensor,
+    labels: torch.Tensor,
+    spacing: Sequence[float],
+    target_spacing: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
+    """Resample a CT (linear) and its labels (nearest) from ``spacing`` to
+    ``target_spacing`` (mm, ``(x, y, z)``); a no-op where the spacings agree.
+
+    Returns float32 HU, uint8 labels and the achieved spacing (the extent divided by the
+    new voxel counts, which is ``target_spacing`` up to rounding of the counts).
+    """
+    spacing = tuple(float(s) for s in spacing)
+    target = tuple(float(s) for s in target_spacing)
+    image_hu = image_hu.float()
+    labels = labels.to(torch.uint8)
+    if np.allclose(spacing, target, rtol=1e-4, atol=0.0):
+        return image_hu, labels, spacing
+    out_shape = working_shape(tuple(image_hu.shape), spacing, target)
+    image = resample(image_hu, out_shape, mode="linear").float().contiguous()
+    lab = resample(labels, out_shape, mode="nearest").to(torch.uint8).contiguous()
+    achieved = tuple(n * s / m for n, s, m in zip(image_hu.shape, spacing, out_shape, strict=True))
+    return image, lab, achieved
+
+
+# -- phantoms -------------------------------------------------------------------------------
+class PhantomSource:
+    """Synthetic CT phantoms made on the fly, from a small in-memory pool.
+
+    Making a phantom costs about a second, so ``pool_size`` phantoms are kept and one
+    draw picks one of them uniformly; every ``refresh_every`` draws the oldest is
+    replaced by a phantom with the next seed (seeds ``seed, seed + 1, ...``). A phantom's
+    contrast phase is drawn from ``contrasts`` with ``contrast_weights`` by a generator
+    seeded with the phantom's seed, so it depends on the seed alone. ``shape`` and
+    ``phantom_spacing`` (mm) are passed to ``make_phantom``; the result is resampled to
+    ``spacing`` (the model's working grid, mm) when they differ. ``make_fn`` replaces
+    ``fastcascade.phantom.make_phantom`` (same keywords, same result fields).
+
+    >>> src = PhantomSource(spacing=(3.0, 3.0, 3.0), pool_size=1)  # doctest: +SKIP
+    >>> image_hu, labels, spacing = next(iter(src))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        spacing: Sequence[float] = (3.0, 3.0, 3.0),
+        seed: int = 0,
+        pool_size: int = 4,
+        refresh_every: int = 8,
+        contrasts: Sequence[str] = ("none", "portal_venous"),
+        contrast_weights: Sequence[float] | None = None,
+        shape: Sequence[int] = (122, 101, 112),
+        phantom_spacing: Sequence[float] = (3.0, 3.0, 3.0),
+        make_fn: Callable | None = None,
+    ):
+        if pool_size < 1 or refresh_every < 1:
+            raise ValueError(
+                f"pool_size and refresh_every must be >= 1, got {pool_size}, {refresh_every}"
+            )
+        if not contrasts:
+            raise ValueError("contrasts must name at least one contrast setting")
+        if contrast_weights is not None and len(contrast_weights) != len(contrasts):
+            raise ValueError(
+                f"contrast_weights needs one weight per contrast ({len(contrasts)}), "
+                f"got {len(contrast_weights)}"
+            )
+        self.spacing = tuple(float(s) for s in spacing)
+        self.pool_size = int(pool_size)
+        self.refresh_every = int(refresh_every)
+        self.contrasts = tuple(contrasts)
+        self.contrast_weights = None if contrast_weights is None else tuple(contrast_weights)
+        self.shape = tuple(int(n) for n in shape)
+        self.phantom_spacing = tuple(float(s) for s in phantom_spacing)
+        self.make_fn = make_fn
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.draws = 0
+        self.next_seed = self.seed
+        self._pool: list[Volume] = []
+        self._pool_seeds: list[int] = []
+
+    def contrast_for(self, seed: int) -> str:
+        """The contrast setting of the phantom with this seed."""
+        return random.Random(seed).choices(self.contrasts, self.contrast_weights)[0]
+
+    def make(self, seed: int) -> Volume:
+        """The phantom with this seed, on the working grid."""
+        make_phantom = self.make_fn
+        if make_phantom is None:
+            from ..phantom import make_phantom
+
+        contrast = self.contrast_for(seed)
+        p = make_phantom(
+            shape=self.shape, spacing=self.phantom_spacing, seed=seed, contrast=contrast
+        )
+        image, labels, spacing = to_working_grid(
+            torch.as_tensor(np.asarray(p.image)),
+            torch.as_tensor(np.asarray(p.labels)),
+            p.spacing,
+            self.spacing,
+        )
+        return Volume(image, labels, spacing, f"phantom-{seed}-{contrast}")
+
+    def _fill(self) -> None:
+        while len(self._pool) < self.pool_size:
+            self._pool_seeds.append(self.next_seed)
+            self._pool.append(self.make(self.next_seed))
+            self.next_seed += 1
+
+    def draw(self) -> Volume:
+        """One volume of the pool, uniformly at random."""
+        if self.draws and self.draws % self.refresh_every == 0:
+            self._pool.pop(0)
+            self._pool_seeds.pop(0)
+        self._fill()
+        k = int(torch.randint(len(self._pool), (1,), generator=self.generator))
+        self.draws += 1
+        return self._pool[k]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple]]:
+        while True:
+            v = self.draw()
+            yield v.image_hu, v.labels, v.spacing
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "draws": self.draws,
+            "next_seed": self.next_seed,
+            "pool_seeds": list(self._pool_seeds),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.draws = int(state["draws"])
+        self.next_seed = int(state["next_seed"])
+        self.generator.set_state(state["generator"])
+        seeds = [int(s) for s in state["pool_seeds"]]
+        if seeds != self._pool_seeds:
+            self._pool_seeds = seeds
+            self._pool = [self.make(s) for s in seeds]
+
+
+# -- NIfTI pairs ----------------------------------------------------------------------------
+def load_nifti_pair(
+    ct_path: str | Path, labels_path: str | Path, label_map: Mapping[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
+    """A CT and its label map brought to canonical RAS with nibabel.
+
+    Returns float32 HU ``(x, y, z)`` (the file's scaling applied), uint8 labels on the
+    same grid (``label_map`` maps file ids onto class ids, every other id becoming 0;
+    without it the ids are kept and must fit in uint8) and the spacing in mm.
+    """
+    import nibabel as nib
+
+    ct = nib.as_closest_canonical(nib.load(str(ct_path)))
+    seg = nib.as_closest_canonical(nib.load(str(labels_path)))
+    if ct.shape[:3] != seg.shape[:3] or not np.allclose(ct.affine, seg.affine, atol=1e-3):
+        raise ValueError(
+            f"{labels_path} does not lie on the grid of {ct_path}: shapes {ct.shape} and "
+            f"{seg.shape}, affines differ by {np.abs(ct.affine - seg.affine).max():.3g}"
+        )
+    if int(np.prod(ct.shape[3:], dtype=np.int64)) != 1:
+        raise ValueError(f"{ct_path} must hold one 3D volume, got shape {ct.shape}")
+    data = ct.get_fdata(dtype=np.float32).reshape(ct.shape[:3])
+    image = torch.from_numpy(np.ascontiguousarray(data))
+    ids = np.rint(np.asarray(seg.dataobj)).astype(np.int64)
+    if ids.ndim > 3:
+        ids = ids.reshape(ids.shape[:3])
+    if label_map is not None:
+        lut = np.zeros(max(int(ids.max()), max(label_map, default=0)) + 1, dtype=np.uint8)
+        for src, dst in label_map.items():
+            lut[int(src)] = int(dst)
+        ids = lut[np.clip(ids, 0, None)]
+    elif ids.min() < 0 or ids.max() > 255:
+        raise ValueError(f"{labels_path} holds ids outside 0..255; pass a label_map")
+    labels = torch.from_numpy(np.ascontiguousarray(ids.astype(np.uint8)))
+    spacing = tuple(float(z) for z in ct.header.get_zooms()[:3])
+    return image.contiguous(), labels, spacing
+
+
+class NiftiSource:
+    """Training volumes from NIfTI ``(ct_path, labels_path)`` pairs.
+
+    Each pair is read once (canonical RAS via nibabel, ``label_map`` applied, e.g.
+    ``fastcascade.config.CASE_A_TO_CLASSES``), resampled to ``spacing`` (mm) and kept in
+    memory; a draw picks a pair uniformly with the source's generator.
+
+    >>> from fastcascade.config import CASE_A_TO_CLASSES
+    >>> src = NiftiSource([("ct.nii.gz", "seg.nii.gz")], CASE_A_TO_CLASSES)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str | Path, str | Path]],
+        label_map: Mapping[int, int] | None = None,
+        spacing: Sequence[float] = (3.0, 3.0, 3.0),
+        seed: int = 0,
+    ):
+        self.pairs = [(Path(c), Path(s)) for c, s in pairs]
+        if not self.pairs:
+            raise ValueError("NiftiSource needs at least one (ct, labels) pair")
+        for ct, seg in self.pairs:
+            for p in (ct, seg):
+                if not p.exists():
+                    raise FileNotFoundError(f"training file not found: {p}")
+        self.label_map = None if label_map is None else dict(label_map)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.draws = 0
+        self._cache: dict[int, Volume] = {}
+
+    def load(self, index: int) -> Volume:
+        if index not in self._cache:
+            ct, seg = self.pairs[index]
+            image, labels, spacing = load_nifti_pair(ct, seg, self.label_map)
+            image, labels, spacing = to_working_grid(image, labels, spacing, self.spacing)
+            self._cache[index] = Volume(image, labels, spacing, f"nifti-{index}-{ct.name}")
+        return self._cache[index]
+
+    def draw(self) -> Volume:
+        k = int(torch.randint(len(self.pairs), (1,), generator=self.generator))
+        self.draws += 1
+        return self.load(k)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple]]:
+        for i in range(len(self.pairs)):
+            v = self.load(i)
+            yield v.image_hu, v.labels, v.spacing
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "draws": self.draws, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.draws = int(state["draws"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,442 @@
+"""Training one stage of the cascade, resumable bit for bit on the CPU.
+
+One iteration: draw ``batch_size`` volumes from the source; for each, its candidate
+region (stage 1: the body mask C1 of the image; stage 2: C2 from ``candidate_fn``), a
+sub-volume centred on a uniformly drawn voxel of that region, augmented on the fly; the
+windowed image through the U-Net; the paper's class-weighted cross-entropy over the
+region's voxels (``loss.weighted_cross_entropy``); one Adam step (constant learning rate).
+
+Checkpoints (``<out_dir>/stage<k>.ckpt``, every ``checkpoint_every`` iterations and at the
+end, written atomically) hold the model, optimizer and gradient-scaler state, the torch /
+NumPy / Python global RNG states, the sampler's, augmentation's and data source's
+generators and counters, the iteration count, the losses so far and the config, so that a
+run resumed from its last checkpoint continues exactly as the uninterrupted run would
+have (bit-identical weights on the CPU with the same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import AIR_HU, CascadeConfig
+from ..io.checkpoint import (
+    atomic_write,
+    check_state_dict,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from ..model.unet3d import UNet3D
+from ..ops.dilate import dilate
+from ..ops.intensity import apply_window
+from ..ops.morphology import body_mask
+from .loss import weighted_cross_entropy
+from .sampling import SubvolumeSampler, crop
+
+#: ``candidate_fn(image_hu (x, y, z) float32 HU, labels (x, y, z) uint8) -> bool (x, y, z)``
+CandidateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Voxels of margin around a sub-volume that a custom augmentation callable sees (the
+#: built-in ``Augmenter``'s margin follows from its bounds, see ``augment_context``).
+AUGMENT_CONTEXT = 12
+
+#: Draws in a row whose region is empty before training gives up.
+MAX_EMPTY_DRAWS = 100
+
+
+def augment_context(augmenter, tile) -> int:
+    """Voxels of margin per side so that an ``Augmenter``'s warp of a ``tile`` patch
+    only moves scan content (never padding) into it: translation + elastic displacement
+    + the rotation's largest move of a tile corner (three angles of at most
+    ``max_rotation_deg`` compose to at most sqrt(3) times that), plus one voxel for
+    interpolation. Callables without those bounds get ``AUGMENT_CONTEXT``.
+    """
+    try:
+        t = float(augmenter.max_translation_vox)
+        d = float(augmenter.max_displacement)
+        angle = math.radians(float(augmenter.max_rotation_deg)) * math.sqrt(3.0)
+    except AttributeError:
+        return AUGMENT_CONTEXT
+    half_diagonal = 0.5 * math.sqrt(sum(n * n for n in tile))
+    rotation = 2.0 * half_diagonal * math.sin(min(angle, math.pi) / 2.0)
+    return int(math.ceil(t + d + rotation)) + 1
+
+
+# -- candidate regions -------------------------------------------------------------------
+def body_region(image_hu: torch.Tensor, threshold: float) -> torch.Tensor:
+    """C1: the body mask of ``image_hu`` (HU) at ``threshold``."""
+    return body_mask(image_hu, threshold=threshold)
+
+
+def dilate_region(mask: torch.Tensor, radius: int, spacing) -> torch.Tensor:
+    """``mask`` dilated by the candidate ball of ``radius`` voxels (see CONVENTIONS)."""
+    return dilate(mask, radius, tuple(spacing))
+
+
+def ground_truth_candidates(config: CascadeConfig) -> CandidateFn:
+    """C2 approximated from the labels: the foreground dilated by ``config.radius``.
+
+    The paper trains stage 2 on the candidate regions of a trained stage 1; this stand-in
+    is what ``train_stage(stage=2)`` uses when no ``candidate_fn`` is given. It misses the
+    false positives of stage 1 that stage 2 must learn to reject.
+    """
+
+    def fn(image_hu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return dilate_region(labels > 0, config.radius, config.spacing)
+
+    return fn
+
+
+@torch.no_grad()
+def stage1_candidates(model: nn.Module, config: CascadeConfig, batch_tiles: int = 2) -> CandidateFn:
+    """C2 as the paper builds it: the trained stage 1's foreground, dilated by r.
+
+    Runs ``model`` (eval mode, on its own device) over the whole volume in tiles of
+    ``config.stage1.tile`` whose output boxes cover the volume without overlap (image
+    padded with air), takes the argmax and dilates everything but background. Meant for
+    training stage 2; inference uses the cascade's weighted stitching.
+    """
+    tile = tuple(config.stage1.tile)
+    window = config.stage1.window
+    device = next(model.parameters()).device
+    out_size = model.output_size(tile)
+    margin = tuple((t - o) // 2 for t, o in zip(tile, out_size, strict=True))
+
+    def fn(image_hu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        shape = tuple(image_hu.shape)
+        fg = torch.zeros(shape, dtype=torch.bool)
+        starts = [
+            (x, y, z)
+            for x in range(0, shape[0], out_size[0])
+            for y in range(0, shape[1], out_size[1])
+            for z in range(0, shape[2], out_size[2])
+        ]
+        for i in range(0, len(starts), batch_tiles):
+            group = starts[i : i + batch_tiles]
+            x = torch.stack(
+                [
+                    apply_window(
+                        crop(
+                            image_hu, [s - m for s, m in zip(st, margin, strict=True)], tile, AIR_HU
+                        ),
+                        window,
+                    )
+                    for st in group
+                ]
+            )[:, None].to(device)
+            pred = model(x).argmax(1).cpu() > 0
+            for st, p in zip(group, pred, strict=True):
+                sl = tuple(
+                    slice(s, min(s + o, n)) for s, o, n in zip(st, out_size, shape, strict=True)
+                )
+                fg[sl] = p[tuple(slice(0, s.stop - s.start) for s in sl)]
+        model.train(was_training)
+        return dilate_region(fg, config.radius, config.spacing)
+
+    return fn
+
+
+# -- RNG state as plain containers ---------------------------------------------------
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    random.setstate(state["python"])
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def checkpoint_path(out_dir: str | Path, stage: int) -> Path:
+    """Where ``train_stage`` keeps its last checkpoint."""
+    return Path(out_dir) / f"stage{stage}.ckpt"
+
+
+def train_stage(
+    stage: int,
+    config: CascadeConfig,
+    source,
+    out_dir: str | Path,
+    iterations: int,
+    batch_size: int = 2,
+    lr: float = 1e-3,
+    seed: int = 0,
+    augment: bool | Callable = True,
+    candidate_fn: CandidateFn | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    checkpoint_every: int = 50,
+    log: Callable[[str], None] | None = print,
+    *,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    amp: bool | None = None,
+    channels_last: bool = True,
+    progress: bool = False,
+) -> UNet3D:
+    """Train stage ``stage`` (1 or 2) of ``config`` for ``iterations`` optimisation steps.
+
+    ``source``: a ``dataset.PhantomSource`` / ``NiftiSource`` (anything with ``draw() ->
+    Volume`` and ``state_dict``/``load_state_dict``) on ``config.spacing``. Sub-volumes of
+    ``config.stage<k>.tile`` voxels; labels cut to ``UNet3D.output_size`` of the tile.
+    Regions: stage 1 trains on C1, the body mask (``ops.morphology.body_mask`` at
+    ``config.body_threshold``); stage 2 on C2 = ``candidate_fn(image_hu, labels)``
+    (``stage1_candidates(trained_stage1, config)`` reproduces the paper; default:
+    ``ground_truth_candidates(config)``, an approximation). ``candidate_fn``, when given
+    for stage 1, replaces the body mask. Regions are computed once per source volume; a
+    volume with an empty region is skipped (another is drawn).
+
+    ``augment``: ``True`` for ``train.augment.Augmenter`` with the paper's elastic and
+    rotation bounds (its translation left to the random sub-volume centre), ``False``
+    for none, or a callable ``(image (C, x, y, z), labels (x, y, z), generator) ->
+    (image, labels)``. It warps a crop with ``augment_context`` voxels of margin around
+    the sub-volume, the region travelling with it, so a warp costs a sub-volume-sized
+    interpolation, not a whole scan's.
+    ``init_state``: a ``state_dict`` to start from (fine-tuning). Optimiser: Adam with a
+    constant ``lr``. ``amp`` (default: on for CUDA only): float16 autocast with a
+    gradient scaler. ``channels_last``: channels_last_3d activations and weights, faster
+    for 3D convolutions on the CPU. ``resume=True`` continues from
+    ``checkpoint_path(out_dir, stage)`` if it exists (same config, batch size, ``lr``
+    and ``seed`` required); ``iterations`` is the total count, including the iterations
+    already done. ``log`` receives one line per iteration (``None``: silent);
+    ``progress`` shows tqdm. The torch, NumPy and Python global RNGs are seeded with
+    ``seed`` (the model's initialisation draws from torch's); the sampler, augmentation
+    and source use their own generators.
+
+    Returns the trained model in eval mode on ``device``.
+
+    >>> src = PhantomSource(config.spacing)  # doctest: +SKIP
+    >>> model = train_stage(1, config, src, "runs/a", 1000)  # doctest: +SKIP
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    if iterations < 0 or batch_size < 1 or checkpoint_every < 1:
+        raise ValueError(
+            "iterations >= 0, batch_size >= 1 and checkpoint_every >= 1 expected, got "
+            f"{iterations}, {batch_size}, {checkpoint_every}"
+        )
+    stage_cfg = config.stage1 if stage == 1 else config.stage2
+    arch = stage_cfg.architecture
+    if arch.num_classes != config.num_classes:
+        raise ValueError(
+            f"stage {stage} has {arch.num_classes} output classes but the config names "
+            f"{config.num_classes}"
+        )
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    ckpt = checkpoint_path(out_dir, stage)
+    state = load_training_checkpoint(ckpt) if resume and ckpt.exists() else None
+    if state is not None:
+        if state["config"] != config.to_dict() or state["stage"] != stage:
+            raise ValueError(f"{ckpt} was written for another config or stage; cannot resume")
+        for name, value in (("batch_size", batch_size), ("lr", lr), ("seed", seed)):
+            if state[name] != value:
+                raise ValueError(f"{ckpt} used {name} {state[name]!r}, not {value!r}")
+    elif resume:
+        _log(log, f"stage {stage}: no checkpoint at {ckpt}, starting from iteration 0")
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    model = UNet3D.from_architecture(arch)
+    if init_state is not None:
+        check_state_dict(model, init_state, "init_state")
+        model.load_state_dict(init_state)
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    use_amp = device.type == "cuda" if amp is None else bool(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    tile = tuple(stage_cfg.tile)
+    augmenter = _augmenter(augment)
+    sampler = SubvolumeSampler(
+        tile,
+        model.output_size(tile),
+        seed=_derived_seed(seed, 1),
+        context=augment_context(augmenter, tile) if augmenter is not None else 0,
+    )
+    aug_generator = torch.Generator().manual_seed(_derived_seed(seed, 2))
+    if candidate_fn is None:
+        candidate_fn = None if stage == 1 else ground_truth_candidates(config)
+
+    start, losses = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        aug_generator.set_state(state["augment_generator"])
+        source.load_state_dict(state["source"])
+        _set_rng_state(state["rng"])
+        start, losses = int(state["iteration"]), list(state["losses"])
+        _log(log, f"stage {stage}: resumed from {ckpt} at iteration {start}")
+
+    transform = None
+    if augmenter is not None:
+
+        def transform(image, labels):
+            return augmenter(image, labels, aug_generator)
+
+    regions: OrderedDict[str, torch.Tensor | None] = OrderedDict()
+
+    def region_of(volume) -> torch.Tensor | None:
+        """The volume's region (cached by key), ``None`` where it is empty."""
+        if volume.key not in regions:
+            if candidate_fn is None:
+                r = body_region(volume.image_hu, config.body_threshold)
+            else:
+                r = torch.as_tensor(candidate_fn(volume.image_hu, volume.labels)).bool()
+            if tuple(r.shape) != tuple(volume.image_hu.shape):
+                raise ValueError(
+                    f"stage-{stage} region of {volume.key} has shape {tuple(r.shape)}, "
+                    f"expected the volume's {tuple(volume.image_hu.shape)}"
+                )
+            regions[volume.key] = r.cpu() if bool(r.any()) else None
+            while len(regions) > 32:
+                regions.popitem(last=False)
+        return regions[volume.key]
+
+    def draw_with_region():
+        # A volume whose region is empty (e.g. an early stage 1 that finds no organ
+        # there) has nothing to learn from: draw another, a bounded number of times.
+        for _ in range(MAX_EMPTY_DRAWS):
+            volume = source.draw()
+            _check_spacing(volume.spacing, config.spacing)
+            region = region_of(volume)
+            if region is not None:
+                return volume, region
+        hint = (
+            "check body_threshold and the images' HU"
+            if candidate_fn is None
+            else "if C2 comes from stage 1, it predicts no foreground yet: train it longer, "
+            "or train stage 2 on the dilated ground truth (ground_truth_candidates)"
+        )
+        raise ValueError(
+            f"{MAX_EMPTY_DRAWS} volumes in a row had an empty stage-{stage} region; {hint}"
+        )
+
+    def save(iteration: int) -> None:
+        save_training_checkpoint(
+            ckpt,
+            {
+                "format": "fastcascade-training",
+                "stage": stage,
+                "iteration": iteration,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seed": seed,
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "augment_generator": aug_generator.get_state(),
+                "source": source.state_dict(),
+                "rng": _rng_state(),
+                "losses": list(losses),
+            },
+        )
+        text = json.dumps({"stage": stage, "losses": losses}) + "\n"
+        atomic_write(out_dir / f"stage{stage}_losses.json", lambda tmp: Path(tmp).write_text(text))
+
+    window = stage_cfg.window
+    steps = range(start, iterations)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, initial=start, total=iterations, desc=f"stage {stage}")
+    model.train()
+    for it in steps:
+        t0 = time.perf_counter()
+        images, labels, masks = [], [], []
+        for _ in range(batch_size):
+            volume, region = draw_with_region()
+            patch = sampler.sample(volume.image_hu, volume.labels, region, transform=transform)
+            images.append(apply_window(patch.image_hu, window))
+            labels.append(patch.labels)
+            masks.append(patch.region)
+        x = torch.stack(images)[:, None].to(device, non_blocking=True)
+        x = x.contiguous(memory_format=memory_format)
+        y = torch.stack(labels).to(device=device, dtype=torch.long)
+        m = torch.stack(masks).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(x)
+        loss = weighted_cross_entropy(logits, y, m)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        value = float(loss.detach()) + 0.0  # no '-0.0' in logs
+        losses.append(value)
+        _log(
+            log,
+            f"stage {stage} iteration {it + 1}/{iterations} loss {value:.5f} "
+            f"({time.perf_counter() - t0:.2f} s)",
+        )
+        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
+            save(it + 1)
+    if start == iterations and state is None:
+        save(iterations)
+    return model.eval()
+
+
+def _augmenter(augment):
+    if augment is False or augment is None:
+        return None
+    if augment is True:
+        from .augment import Augmenter
+
+        # The random sub-volume centre already translates the content; a translation in
+        # the warp would only widen the context crop that every warp must cover.
+        return Augmenter(max_translation_vox=0.0)
+    if callable(augment):
+        return augment
+    raise TypeError(f"augment must be True, False or a callable, got {type(augment).__name__}")
+
+
+def _check_spacing(spacing, want) -> None:
+    if not np.allclose(spacing, want, rtol=0.05, atol=0.0):  # voxel counts round
+        raise ValueError(
+            f"source volume has spacing {tuple(spacing)} mm but the config's working "
+            f"spacing is {tuple(want)} mm; build the source with spacing=config.spacing"
+        )
+
+
+def _log(log, line: str) -> None:
+    if log is not None:
+        log(line)
