@@ -85,16 +85,37 @@ class Predictor:
     >>> result.save("seg.nii.gz")                     # doctest: +SKIP
     """
 
-    def __init__(self, config: CascadeConfig, stage1: UNet3D, stage2: UNet3D, device="auto"):
-        self.config = config
+    #: autocast dtypes by ``precision`` name; probabilities are stitched in fp32 always.
+    PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(
+        self,
+        config: CascadeConfig,
+        stage1: UNet3D,
+        stage2: UNet3D,
+        device="auto",
+        precision: str = "fp32",
+        compile: bool = False,
+    ):
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}")
+        self.config, self.precision, self.compile = config, precision, compile
         self.stage1, self.stage2 = stage1.eval(), stage2.eval()
         self.to(device)
+
+    def _networks(self) -> tuple[UNet3D, UNet3D]:
+        if not self.compile:
+            return self.stage1, self.stage2
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = (torch.compile(self.stage1), torch.compile(self.stage2))
+        return self._compiled
 
     def to(self, device) -> Predictor:
         """Move both networks to ``device``; channels-last 3D (faster on CPU and GPU)."""
         self.device = resolve_device(device)
         for net in (self.stage1, self.stage2):
             net.to(self.device, memory_format=torch.channels_last_3d)
+        self._compiled = None
         return self
 
     def segment(
@@ -123,7 +144,9 @@ class Predictor:
         t_load = time.perf_counter()
         shape = working_shape(tuple(data.shape), scan.spacing, self.config.spacing)
         image = resample(data, shape, mode="linear")
-        out = run_cascade(image, self.stage1, self.stage2, self.config, options, progress)
+        dtype = self.PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            out = run_cascade(image, *self._networks(), self.config, options, progress)
 
         t_back = time.perf_counter()
         labels = scan.to_input_grid(resample(out.stage2.labels, tuple(data.shape), "nearest"))
@@ -162,11 +185,15 @@ class Predictor:
         )
 
 
-def load_model(path=None, device="auto") -> Predictor:
-    """Load a cascade (``model.safetensors`` + ``model.json``); ``None`` is the default."""
+def load_model(path=None, device="auto", precision: str = "fp32", compile: bool = False) -> Predictor:
+    """Load a cascade (``model.safetensors`` + ``model.json``); ``None`` is the default.
+
+    ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast for the networks (GPU);
+    ``compile``: ``torch.compile`` both networks on first use.
+    """
     path = DEFAULT_MODEL if path is None else Path(path)
     config, stage1, stage2 = load_cascade(path)
-    return Predictor(config, stage1, stage2, device=device)
+    return Predictor(config, stage1, stage2, device=device, precision=precision, compile=compile)
 
 
 def segment(

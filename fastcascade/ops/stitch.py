@@ -110,9 +110,15 @@ def _check_accumulate(acc, weight_sum, tiles, origins, weight) -> tuple[int, int
         devices.add(weight.device)
     if len(devices) != 1:
         raise ValueError(f"acc, weight_sum, tiles and weight must share a device, got {devices}")
-    if tiles.shape[0]:
-        # One host read of B×3 numbers (free for CPU origins).
-        o = origins.detach().cpu()
+    if tiles.shape[0] and origins.device.type != "cpu":
+        # On a device the bounds check must not stall the stream: an asynchronous assert
+        # fails the next synchronising call instead of a host read per batch.
+        limit = torch.tensor(acc.shape[1:], device=origins.device) - torch.tensor(
+            size, device=origins.device
+        )
+        torch._assert_async(((origins >= 0) & (origins <= limit)).all())
+    elif tiles.shape[0]:
+        o = origins.detach()
         limit = torch.tensor(acc.shape[1:]) - torch.tensor(size)
         bad = ((o < 0) | (o > limit)).any(dim=1)
         if bool(bad.any()):
@@ -186,8 +192,8 @@ def accumulate(
     ``(x, y, z)`` from :func:`tile_weight`, or ``None`` for weight 1. For each tile ``b``
     at ``o``: ``acc[:, o:o+size] += tiles[b] · weight`` and
     ``weight_sum[o:o+size] += weight``. Every tile must lie inside ``acc`` (callers pad it);
-    otherwise a ValueError names the tile. Checking that reads ``origins`` on the host once
-    per call.
+    otherwise a ValueError names the tile (for CPU origins; device origins are checked by
+    an asynchronous assertion, so no host read stalls the GPU).
 
     ``backend``: ``"torch"`` adds the whole batch with one ``index_add_`` per tensor over
     flat voxel indices (any device, no loop); ``"auto"`` uses it except for CPU tensors,

@@ -1,0 +1,152 @@
+"""The whole cascade through segment(), with a tiny random model (fast, any machine)."""
+
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import fastcascade
+from fastcascade.api import Predictor
+from fastcascade.config import Architecture, CascadeConfig, StageConfig
+from fastcascade.diagnostics import SyncCounter
+from fastcascade.model import UNet3D
+
+
+def tiny_predictor(padding="same", tile=(32, 32, 32), seed=0) -> Predictor:
+    torch.manual_seed(seed)
+    arch = Architecture(num_classes=11, base_channels=2, levels=2, padding=padding)
+    config = CascadeConfig(
+        spacing=(6.0, 6.0, 6.0),
+        stage1=StageConfig(window=(-1000.0, 1000.0), tile=tile, architecture=arch),
+        stage2=StageConfig(window=(-200.0, 400.0), tile=tile, architecture=arch),
+    )
+    nets = []
+    for _ in range(2):
+        net = UNet3D.from_architecture(arch)
+        # A last layer biased towards foreground so C2 is not empty.
+        torch.nn.init.normal_(net.classifier.bias, 0.0, 2.0)
+        nets.append(net)
+    return Predictor(config, *nets, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return fastcascade.phantom.make_phantom(shape=(61, 50, 56), spacing=(6.0, 6.0, 6.0), seed=3)
+
+
+@pytest.mark.parametrize("padding,tile", [("same", (24, 24, 24)), ("valid", (28, 28, 28))])
+def test_skipping_gives_the_same_labels_as_every_tile(phantom, padding, tile):
+    predictor = tiny_predictor(padding, tile)
+    fast = predictor.segment(phantom.image, spacing=phantom.spacing, overlap=False)
+    simple = predictor.segment(
+        phantom.image, spacing=phantom.spacing, overlap=False, skip_empty=False
+    )
+    np.testing.assert_array_equal(fast.labels, simple.labels)
+    assert simple.tiles["stage1"][0] == simple.tiles["stage1"][1]
+    assert fast.tiles["stage2"][0] < simple.tiles["stage2"][0]
+    assert 0.05 < fast.c1_fraction < 0.9
+
+
+def test_result_geometry_and_contents(phantom):
+    result = tiny_predictor().segment(phantom.image, spacing=phantom.spacing, probabilities=True)
+    assert result.labels.shape == phantom.image.shape and result.labels.dtype == np.uint8
+    assert result.probabilities.shape == (11, *phantom.image.shape)
+    np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
+    assert result.class_names == fastcascade.CLASS_NAMES
+    assert set(result.timings) >= {"c1", "stage1", "c2", "stage2", "total"}
+    assert 0.0 < result.c2_fraction <= 1.0
+
+
+def test_flipped_and_permuted_copies_give_the_same_labels(phantom, tmp_path):
+    """Through files with LPS and axis-permuted affines: identical organs, sides kept."""
+    predictor = tiny_predictor()
+    ct, _ = phantom.to_nifti()
+    want = predictor.segment(ct).labels
+
+    flipped_data = np.asarray(ct.dataobj)[::-1, ::-1, :]
+    affine = ct.affine @ np.array(
+        [[-1, 0, 0, ct.shape[0] - 1], [0, -1, 0, ct.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]]
+    )
+    lps = nib.Nifti1Image(np.ascontiguousarray(flipped_data), affine)
+    got = predictor.segment(lps).labels
+    np.testing.assert_array_equal(got[::-1, ::-1, :], want)
+
+    perm = np.asarray(ct.dataobj).transpose(2, 0, 1)
+    affine = ct.affine[:, [2, 0, 1, 3]]
+    permuted = nib.Nifti1Image(np.ascontiguousarray(perm), affine)
+    path = tmp_path / "permuted.nii.gz"
+    nib.save(permuted, str(path))
+    got = predictor.segment(str(path)).labels
+    np.testing.assert_array_equal(got.transpose(1, 2, 0), want)
+
+
+def test_tensor_in_tensor_out(phantom):
+    predictor = tiny_predictor()
+    want = predictor.segment(phantom.image, spacing=phantom.spacing).labels
+    got = predictor.segment(torch.from_numpy(phantom.image), spacing=phantom.spacing).labels
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+#: Scalar host syncs per scan (see README, "Host syncs"): the stage-1 and stage-2 tile
+#: counts (boolean indexing), the C1 and C2 fractions reported in the result, and the
+#: value checks of the input (finite, not a label map) which may read up to 4 scalars.
+SYNC_BOUND = 8
+
+
+def test_host_syncs_within_bound(phantom):
+    predictor = tiny_predictor()
+    with SyncCounter() as counter:
+        predictor.segment(phantom.image, spacing=phantom.spacing)
+    assert counter.syncs <= SYNC_BOUND, counter.by_op
+    assert counter.by_op["bool_index"] == 2  # one tile selection per stage
+
+
+def test_all_air_scan_gives_background_with_a_warning():
+    air = np.full((30, 30, 20), -1000.0, dtype=np.float32)
+    with pytest.warns(UserWarning, match="no body"):
+        result = tiny_predictor().segment(air, spacing=(6.0, 6.0, 6.0))
+    assert not result.labels.any()
+    assert result.tiles["stage1"][0] == 0 and result.tiles["stage2"][0] == 0
+
+
+def test_scan_smaller_than_one_tile():
+    small = np.full((5, 4, 3), -1000.0, dtype=np.float32)
+    small[1:4, 1:3, :] = 40.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = tiny_predictor().segment(small, spacing=(6.0, 6.0, 6.0))
+    assert result.labels.shape == (5, 4, 3)
+    assert result.tiles["stage1"] == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "volume,kwargs,error",
+    [
+        (np.zeros((10, 10)), {"spacing": (1, 1, 1)}, ValueError),
+        (np.full((8, 8, 8), np.nan), {"spacing": (1, 1, 1)}, ValueError),
+        (np.zeros((8, 8, 8)), {"spacing": (0, 1, 1)}, ValueError),
+        (np.zeros((8, 8, 8)), {}, ValueError),
+        ("no/such/file.nii.gz", {}, FileNotFoundError),
+        ([[1, 2]], {"spacing": (1, 1, 1)}, TypeError),
+    ],
+    ids=["2d", "nan", "zero-spacing", "no-spacing", "missing-file", "list"],
+)
+def test_bad_input_is_refused(volume, kwargs, error):
+    with pytest.raises(error):
+        tiny_predictor().segment(volume, **kwargs)
+
+
+def test_case_a_geometry(case_a_paths, tmp_path):
+    ct_path, _ = case_a_paths
+    result = tiny_predictor().segment(str(ct_path))
+    img = nib.load(str(ct_path))
+    assert result.labels.shape == img.shape and result.labels.dtype == np.uint8
+    out = tmp_path / "seg.nii.gz"
+    result.save(out)
+    seg = nib.load(str(out))
+    np.testing.assert_array_equal(seg.affine, img.affine)
+    assert seg.get_data_dtype() == np.uint8
+    assert (tmp_path / "seg.json").exists()
