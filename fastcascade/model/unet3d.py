@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Architecture
+from ..ops.conv_bn_relu import conv_bn_relu
 
 
 class ConvBNReLU(nn.Module):
@@ -24,6 +25,10 @@ class ConvBNReLU(nn.Module):
         self.bn = nn.BatchNorm3d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eval mode on a GPU: BatchNorm folds into a fused kernel (ours or cuDNN's, per layer
+        # shape). Training, batch statistics and the CPU keep PyTorch's kernels.
+        if x.is_cuda and not (self.training or self.bn.training):
+            return conv_bn_relu(x, self)
         return F.relu(self.bn(self.conv(x)))
 
 

@@ -1,0 +1,211 @@
+"""The one place that asks what this environment can run: Triton, its interpreter, CUDA,
+cuDNN, CuPy, the compiled extension.
+
+Every op's public function takes ``backend="auto"`` and calls :func:`resolve`. ``"auto"``
+picks an accelerated backend only for CUDA tensors and falls back to ``"torch"`` quietly;
+a backend asked for by name that cannot run raises :class:`BackendUnavailableError`
+naming what to install. Probes are cached, and nothing here initialises CUDA at import
+time (``torch.cuda`` is only asked when a caller holds a CUDA tensor or asks for it).
+
+Backends:
+
+=========== ============================================================================
+``torch``   plain PyTorch (the references; always available, the CPU path)
+``triton``  Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+``cudnn``   cuDNN through PyTorch (CUDA tensors, CUDA build of PyTorch)
+``cupy``    CuPy (CUDA tensors, ``pip install 'fastcascade[gpu]'``)
+``cuda_ext`` the compiled extension ``fastcascade._C`` (CUDA tensors)
+=========== ============================================================================
+
+>>> import torch
+>>> resolve("auto", torch.zeros(2))
+'torch'
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import types
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("torch", "triton", "cudnn", "cupy", "cuda_ext")
+
+#: The module name a compiled extension is built as (``csrc/``).
+EXTENSION_MODULE = "fastcascade._C"
+
+_INSTALL: dict[str, str] = {
+    "triton": "pip install 'triton>=3.0' (Linux only)",
+    "cudnn": "a CUDA build of PyTorch (see https://pytorch.org/get-started/locally/)",
+    "cupy": "pip install 'fastcascade[gpu]'",
+    "cuda_ext": "pip install --no-build-isolation -e . on a machine with CUDA and nvcc",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says what to install."""
+
+
+# -- probes (cached) -------------------------------------------------------------------
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works (Triton ships for Linux only)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def interpreter_on() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton reads the variable when a kernel is defined, so it must be set before any
+    module of ``fastcascade.ops`` is imported; the answer is therefore cached.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def autotune_enabled() -> bool:
+    """Whether run-time autotuning of block sizes is opted into (``FASTCASCADE_AUTOTUNE=1``).
+
+    Off by default: kernels use the committed per-shape tables.
+    """
+    return os.environ.get("FASTCASCADE_AUTOTUNE", "0") == "1"
+
+
+def on_cuda(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives on a CUDA device (no CUDA call is made)."""
+    return tensor.device.type == "cuda"
+
+
+@functools.cache
+def cuda_capability(device_index: int = 0) -> tuple[int, int] | None:
+    """``(major, minor)`` of a CUDA device, or ``None`` without CUDA.
+
+    This initialises CUDA, so it is only called on demand.
+    """
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device_index))
+
+
+@functools.cache
+def cudnn_available() -> bool:
+    """Whether this PyTorch build has cuDNN (no CUDA initialisation)."""
+    return torch.backends.cudnn.is_available()
+
+
+@functools.cache
+def cupy_available() -> bool:
+    """Whether CuPy imports and sees a usable CUDA device (``cupy.is_available()``)."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    return bool(cupy.is_available())
+
+
+@functools.cache
+def extension_available() -> bool:
+    """Whether the compiled extension (``fastcascade._C``) is installed."""
+    return importlib.util.find_spec(EXTENSION_MODULE) is not None
+
+
+def import_triton() -> tuple[types.ModuleType, types.ModuleType]:
+    """``(triton, triton.language)``, or stand-ins where Triton is not installed.
+
+    The stand-ins let a module that defines kernels be imported anyway (``@triton.jit``
+    leaves the function a plain, never-called Python function; ``tl.constexpr`` is a
+    placeholder annotation), so that ``import fastcascade`` works on every platform and
+    only asking for ``backend="triton"`` fails.
+    """
+    if triton_available():
+        return importlib.import_module("triton"), importlib.import_module("triton.language")
+    triton_stub = types.SimpleNamespace(jit=lambda fn=None, **_: fn if fn else (lambda f: f))
+    language_stub = types.SimpleNamespace(constexpr=object())
+    return triton_stub, language_stub
+
+
+# -- choosing ---------------------------------------------------------------------------
+def available(backend: str, tensor: torch.Tensor) -> bool:
+    """Whether ``backend`` can run an op on ``tensor``'s device here."""
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        return triton_available() and (on_cuda(tensor) or interpreter_on())
+    if not on_cuda(tensor):
+        return False
+    if backend == "cudnn":
+        return cudnn_available()
+    if backend == "cupy":
+        return cupy_available()
+    if backend == "cuda_ext":
+        return extension_available()
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _why_unavailable(backend: str, tensor: torch.Tensor) -> str:
+    if backend == "triton" and triton_available():
+        return (
+            f"Triton kernels need a CUDA tensor (got one on {tensor.device}), or "
+            "TRITON_INTERPRET=1 set before fastcascade is imported to run them in "
+            "Triton's CPU interpreter"
+        )
+    if backend != "triton" and not on_cuda(tensor):
+        return f"backend {backend!r} needs a CUDA tensor, got one on {tensor.device}"
+    return f"backend {backend!r} is not installed; install it with: {_INSTALL[backend]}"
+
+
+def resolve(
+    backend: str,
+    tensor: torch.Tensor,
+    candidates: tuple[str, ...] = ("triton", "torch"),
+) -> str:
+    """The backend an op runs on ``tensor`` with.
+
+    ``backend`` is ``"auto"`` or one of ``candidates`` (the backends the op implements,
+    in order of preference). ``"auto"`` returns the first candidate available for a CUDA
+    tensor, and ``"torch"`` for any other tensor: the interpreter is never chosen
+    automatically (it is for tests, and slow). A named backend that cannot run raises
+    :class:`BackendUnavailableError` with the install command.
+
+    >>> resolve("torch", torch.zeros(1), candidates=("triton", "torch"))
+    'torch'
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor to choose a backend for, got {type(tensor)}")
+    if backend == "auto":
+        if not on_cuda(tensor) or interpreter_on():
+            return "torch"
+        for name in candidates:
+            if available(name, tensor):
+                return name
+        return "torch"
+    if backend not in candidates:
+        raise ValueError(f"backend must be 'auto' or one of {candidates}, got {backend!r}")
+    if not available(backend, tensor):
+        raise BackendUnavailableError(_why_unavailable(backend, tensor))
+    return backend
+
+
+def summary() -> dict[str, object]:
+    """What this environment offers, for ``fastcascade env`` and benchmark records.
+
+    Initialises CUDA if a CUDA device is present.
+    """
+    cuda = torch.cuda.is_available()
+    return {
+        "triton": triton_available(),
+        "triton_interpret": interpreter_on(),
+        "cuda": cuda,
+        "cuda_capability": cuda_capability() if cuda else None,
+        "cudnn": cudnn_available(),
+        "cupy": cupy_available(),
+        "cuda_ext": extension_available(),
+        "autotune": autotune_enabled(),
+    }

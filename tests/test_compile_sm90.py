@@ -1,0 +1,197 @@
+"""Compile the conv-BN-ReLU kernel for sm_90 (H100) without a GPU and check its resources.
+
+Runs only with ``FASTCASCADE_TEST_COMPILE=1`` (a separate pytest process, where
+``TRITON_INTERPRET`` is off: the interpreter and the compiler cannot share a process). Each
+variant is compiled through Triton's ahead-of-time API with the argument specialisation
+Triton applies at run time (16-byte divisibility of pointers and of integers that are
+multiples of 16, integers equal to 1 as constants); ``ptxas -v`` on the PTX gives the
+registers and spills, the kernel's metadata its shared memory. Uses only API that Triton 3.6
+(the GPU stack) shares with 3.8: ``ASTSource(fn, signature, constexprs, attrs)``,
+``GPUTarget``, ``CompiledKernel.asm`` and ``.metadata.shared``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.compile,
+    pytest.mark.skipif(
+        os.environ.get("FASTCASCADE_TEST_COMPILE") != "1",
+        reason="sm_90 compile checks run with FASTCASCADE_TEST_COMPILE=1 (separate process)",
+    ),
+]
+
+SM90_SHARED_LIMIT = 232_448  # bytes of shared memory one block may use on an H100
+SIZE = (30, 29, 27)  # input voxels: divisibility of the strides then comes from C_in only
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    cin: int
+    cout: int
+    dtype: torch.dtype
+    padding: str = "valid"
+    precision: str = "tf32"
+    int64: bool = False  # sizes and strides passed as i64, as for tensors past 2^31
+    config: tuple | None = None  # a tuning candidate's (BLOCK_M, N, K, warps, stages)
+
+    def __str__(self) -> str:
+        extra = "-i64" if self.int64 else ""
+        if self.config:
+            extra += "-cand" + "x".join(map(str, self.config))
+        prec = f"-{self.precision}" if self.dtype == torch.float32 else ""
+        name = DTYPE_NAMES[self.dtype]
+        return f"{self.cin}to{self.cout}-{name}{prec}-{self.padding}{extra}"
+
+
+def _variants() -> list[Variant]:
+    from fastcascade.ops.conv_bn_relu import candidate_configs
+    from fastcascade.ops.conv_configs import CONFIGS
+
+    # Every committed layer shape in bf16 (what the table is tuned for), then the other
+    # dtypes, modes, same padding and int64 sizes on a few shapes, first layer included.
+    out = [Variant(cin, cout, torch.bfloat16) for cin, cout in sorted(CONFIGS)]
+    out += [
+        Variant(64, 64, torch.float16),
+        Variant(1, 32, torch.float16),
+        Variant(64, 64, torch.float32, precision="tf32"),
+        Variant(64, 64, torch.float32, precision="ieee"),
+        Variant(1, 32, torch.float32, precision="ieee"),
+        Variant(768, 256, torch.float32, precision="tf32"),
+        Variant(64, 64, torch.bfloat16, padding="same"),
+        Variant(1, 32, torch.bfloat16, padding="same"),
+        Variant(48, 16, torch.float16, padding="same"),
+        Variant(64, 64, torch.bfloat16, int64=True),
+    ]
+    # The tuning step's candidates for one shape: they must compile (spills are reported,
+    # not failed: the tuning run times them and keeps the fastest).
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    for cfg in candidate_configs(64, 64):
+        out.append(Variant(64, 64, torch.bfloat16, config=tuple(cfg[k] for k in keys)))
+    return out
+
+
+def _ptxas() -> str | None:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(bundled) if bundled.exists() else shutil.which("ptxas")
+
+
+def compile_variant(v: Variant):
+    """Compile one variant for sm_90; returns ``(compiled kernel, config)``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastcascade.ops import conv_bn_relu as cbr
+
+    kernel = cbr._conv3x3x3_bias_relu_kernel
+    cfg = cbr.kernel_config(v.cin, v.cout, v.dtype)
+    if v.config:
+        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+        cfg = dict(zip(keys, v.config, strict=True))
+    constexprs = cbr._constexprs(v.cin, v.padding, v.dtype, v.precision, cfg)
+    shrink = 0 if v.padding == "same" else 2
+    xi, yi, zi = SIZE
+    xo, yo, zo = (s - shrink for s in SIZE)
+    ints = {
+        "M": xo * yo * zo,
+        "CIN": v.cin,
+        "COUT": v.cout,
+        "WN": -(-v.cout // 16) * 16,
+        "XI": xi,
+        "YI": yi,
+        "ZI": zi,
+        "XO": xo,
+        "YO": yo,
+        "ZO": zo,
+        "sxn": v.cin * xi * yi * zi,
+        "sxx": v.cin * yi * zi,
+        "sxy": v.cin * zi,
+        "sxz": v.cin,
+    }
+    element = DTYPE_NAMES[v.dtype]
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name == "b_ptr" else f"*{element}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i64" if v.int64 else "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled, cfg
+
+
+def resource_report(compiled, tmp_path: Path) -> dict:
+    """Registers and spills from ``ptxas -v`` (sm_90a, as Triton builds for H100), shared
+    memory from the kernel's metadata, and the instructions that show the fast path."""
+    ptx = compiled.asm["ptx"]
+    report = {
+        "shared_bytes": int(compiled.metadata.shared),
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "cubin_bytes": len(compiled.asm["cubin"]),
+    }
+    ptxas = _ptxas()
+    if ptxas is None:
+        return report
+    (tmp_path / "k.ptx").write_text(ptx)
+    out = subprocess.run(
+        [ptxas, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    report["registers"] = int(re.search(r"Used (\d+) registers", out).group(1))
+    stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out).groups()
+    report["spill_stores"], report["spill_loads"] = int(stores), int(loads)
+    return report
+
+
+@pytest.mark.parametrize("variant", _variants(), ids=str)
+def test_kernel_compiles_for_sm90(variant, tmp_path, capsys):
+    compiled, cfg = compile_variant(variant)
+    assert compiled.asm["cubin"], "no cubin produced"
+    r = resource_report(compiled, tmp_path)
+    blocks = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+    launch = f"w{cfg['num_warps']}s{cfg['num_stages']}"
+    with capsys.disabled():
+        print(
+            f"\n[sm_90] {str(variant):<28} {blocks:>10} {launch}: "
+            f"regs {r.get('registers', '?'):>3}  spills {r.get('spill_stores', '?')}/"
+            f"{r.get('spill_loads', '?')} B  smem {r['shared_bytes']:>6} B  "
+            f"wgmma {r['wgmma']:>2}  cp.async {r['cp_async']:>3}",
+            end="",
+        )
+    assert r["shared_bytes"] <= SM90_SHARED_LIMIT
+    if "registers" in r:
+        assert r["registers"] <= 255
+        if variant.config is None:  # the committed configurations must not spill
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, "the kernel spills"
+    flat = variant.cin < 16
+    if not flat and not (variant.dtype == torch.float32 and variant.precision == "ieee"):
+        # Hopper's tensor cores (exact fp32 multiplies on the FMA units instead) ...
+        assert r["wgmma"] > 0, "tl.dot did not lower to wgmma"
+    if not flat:
+        # ... fed by an asynchronous copy pipeline (the loop was software-pipelined).
+        assert r["cp_async"] > 0, "the K loop was not pipelined"
