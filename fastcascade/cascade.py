@@ -89,6 +89,29 @@ def _stage(
         )
 
 
+def candidate_region(
+    image_hu: torch.Tensor,
+    stage1: UNet3D,
+    config: CascadeConfig,
+    options: CascadeOptions = CascadeOptions(),
+    progress: Callable[[int, int], None] | None = None,
+    lap: Callable[[str], None] = lambda name: None,
+) -> tuple[torch.Tensor, StageOutput, torch.Tensor]:
+    """C1 → stage 1 → C2 on the working grid: ``(c1, stage-1 output, c2)``.
+
+    Stage 2's training regions come from here too, so that it learns on the candidate
+    regions it will see at inference. ``lap(name)`` is called after each step (timing).
+    """
+    c1 = body_mask(image_hu, config.body_threshold)
+    lap("c1")
+    first = _stage(stage1, image_hu, c1, config.stage1, config.num_classes, None, options,
+                   "constant", False, progress)
+    lap("stage1")
+    c2 = dilate(first.labels > 0, config.radius, config.spacing)
+    lap("c2")
+    return c1, first, c2
+
+
 def run_cascade(
     image_hu: torch.Tensor,
     stage1: UNet3D,
@@ -105,31 +128,22 @@ def run_cascade(
     def report(name):
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
-    timings = {}
-    clock = _Clock(image_hu.device, timings)
-    k = config.num_classes
-
-    c1 = body_mask(image_hu, config.body_threshold)
-    clock.lap("c1")
-    first = _stage(stage1, image_hu, c1, config.stage1, k, None, options, "constant", False,
-                   report("stage1"))
-    clock.lap("stage1")
-
-    c2 = dilate(first.labels > 0, config.radius, config.spacing)
-    clock.lap("c2")
+    clock = _Clock(image_hu.device)
+    c1, first, c2 = candidate_region(image_hu, stage1, config, options, report("stage1"),
+                                     clock.lap)
     step = options.overlap_step if options.overlap else None
-    second = _stage(stage2, image_hu, c2, config.stage2, k, step, options,
+    second = _stage(stage2, image_hu, c2, config.stage2, config.num_classes, step, options,
                     options.weights if options.overlap else "constant", options.probabilities,
                     report("stage2"))
     clock.lap("stage2")
-    return CascadeOutput(first, second, c1, c2, timings)
+    return CascadeOutput(first, second, c1, c2, clock.timings)
 
 
 class _Clock:
     """Wall-clock laps; on a GPU each lap synchronises (one sync per lap, documented)."""
 
-    def __init__(self, device: torch.device, timings: dict[str, float]):
-        self.device, self.timings = device, timings
+    def __init__(self, device: torch.device):
+        self.device, self.timings = device, {}
         self.last = time.perf_counter()
 
     def lap(self, name: str) -> None:

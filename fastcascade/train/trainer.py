@@ -98,51 +98,24 @@ def ground_truth_candidates(config: CascadeConfig) -> CandidateFn:
 
 @torch.no_grad()
 def stage1_candidates(model: nn.Module, config: CascadeConfig, batch_tiles: int = 2) -> CandidateFn:
-    """C2 as the paper builds it: the trained stage 1's foreground, dilated by r.
+    """C2 as the paper builds it, and as inference does (``cascade.candidate_region``):
+    the trained stage 1 over its body mask C1, argmax, all foreground dilated by r.
 
-    Runs ``model`` (eval mode, on its own device) over the whole volume in tiles of
-    ``config.stage1.tile`` whose output boxes cover the volume without overlap (image
-    padded with air), takes the argmax and dilates everything but background. Meant for
-    training stage 2; inference uses the cascade's weighted stitching.
+    Runs ``model`` in eval mode on its own device; the region comes back on the CPU.
     """
-    tile = tuple(config.stage1.tile)
-    window = config.stage1.window
+    from ..cascade import CascadeOptions, candidate_region
+
+    options = CascadeOptions(batch_size=batch_tiles)
     device = next(model.parameters()).device
-    out_size = model.output_size(tile)
-    margin = tuple((t - o) // 2 for t, o in zip(tile, out_size, strict=True))
 
     def fn(image_hu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        shape = tuple(image_hu.shape)
-        fg = torch.zeros(shape, dtype=torch.bool)
-        starts = [
-            (x, y, z)
-            for x in range(0, shape[0], out_size[0])
-            for y in range(0, shape[1], out_size[1])
-            for z in range(0, shape[2], out_size[2])
-        ]
-        for i in range(0, len(starts), batch_tiles):
-            group = starts[i : i + batch_tiles]
-            x = torch.stack(
-                [
-                    apply_window(
-                        crop(
-                            image_hu, [s - m for s, m in zip(st, margin, strict=True)], tile, AIR_HU
-                        ),
-                        window,
-                    )
-                    for st in group
-                ]
-            )[:, None].to(device)
-            pred = model(x).argmax(1).cpu() > 0
-            for st, p in zip(group, pred, strict=True):
-                sl = tuple(
-                    slice(s, min(s + o, n)) for s, o, n in zip(st, out_size, shape, strict=True)
-                )
-                fg[sl] = p[tuple(slice(0, s.stop - s.start) for s in sl)]
-        model.train(was_training)
-        return dilate_region(fg, config.radius, config.spacing)
+        try:
+            _, _, c2 = candidate_region(image_hu.to(device), model, config, options)
+        finally:
+            model.train(was_training)
+        return c2.cpu()
 
     return fn
 
