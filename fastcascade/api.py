@@ -129,13 +129,14 @@ class Predictor:
         batch_size: int = 2,
         weights: str = "constant",
         skip_empty: bool = True,
+        memory_budget: int | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> SegmentationResult:
         """Segment one scan; see :func:`segment`."""
         t0 = time.perf_counter()
         options = CascadeOptions(
-            overlap=overlap, weights=weights, skip_empty=skip_empty,
-            batch_size=batch_size, probabilities=probabilities,
+            overlap=overlap, weights=weights, skip_empty=skip_empty, batch_size=batch_size,
+            probabilities=probabilities, memory_budget=memory_budget,
         )
         scan = load_scan(volume, spacing=spacing, affine=affine)
         if isinstance(volume, torch.Tensor) and scan.data.device != self.device:
@@ -207,6 +208,7 @@ def segment(
     probabilities: bool = False,
     batch_size: int = 2,
     weights: str = "constant",
+    memory_budget: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SegmentationResult:
     """Segment the organs and vessels of an abdominal CT.
@@ -217,7 +219,9 @@ def segment(
     model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else
     the CPU), ``"cpu"``, ``"cuda"``… ``overlap``: stage 2 on overlapping tiles (each
     voxel seen 4x, probabilities averaged with ``weights``). ``progress(stage, done,
-    total)`` is called after each batch of tiles.
+    total)`` is called after each batch of tiles. ``memory_budget``: bytes the stitching
+    may use; beyond it stages stitch in slabs (a GPU out-of-memory error also falls back to
+    smaller tile batches, then slabs).
 
     >>> import numpy as np, fastcascade
     >>> ct = np.full((40, 40, 30), -1000.0, dtype=np.float32)
@@ -231,5 +235,6 @@ def segment(
         predictor = load_model(model, device=resolve_device(device, volume))
     return predictor.segment(
         volume, spacing=spacing, affine=affine, overlap=overlap,
-        probabilities=probabilities, batch_size=batch_size, weights=weights, progress=progress,
+        probabilities=probabilities, batch_size=batch_size, weights=weights,
+        memory_budget=memory_budget, progress=progress,
     )

@@ -29,6 +29,8 @@ class CascadeOptions:
     output tile per axis; the paper's 4x is ``(0.5, 0.5, 1.0)``) with ``weights``
     ``"constant"`` or ``"gaussian"``. ``skip_empty``: compute only tiles touching the
     candidate region (``False`` is the original's every-tile approach).
+    ``memory_budget``: bytes the stitching accumulators may use (``None``: no limit);
+    beyond it a stage stitches in slabs.
     """
 
     overlap: bool = True
@@ -37,6 +39,7 @@ class CascadeOptions:
     skip_empty: bool = True
     batch_size: int = 2
     probabilities: bool = False
+    memory_budget: int | None = None
 
     def __post_init__(self):
         if self.weights not in ("constant", "gaussian"):
@@ -85,6 +88,7 @@ def _stage(
             weight_mode=weights,
             batch_size=options.batch_size,
             probabilities=probabilities,
+            memory_budget=options.memory_budget,
             progress=progress,
         )
 

@@ -141,6 +141,7 @@ def run_stage(
     batch_size: int = 2,
     probabilities: bool = False,
     slabs: int = 1,
+    memory_budget: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StageOutput:
     """Run ``network`` over the tiles of ``grid`` and stitch softmax probabilities.
@@ -151,11 +152,15 @@ def run_stage(
 
     Memory: the fp32 accumulator is ``num_classes`` volumes of the lattice's extent;
     ``slabs > 1`` stitches the volume in that many slabs along x, each with its own
-    accumulator (tiles straddling two slabs run twice). On a GPU out-of-memory error
+    accumulator (tiles straddling two slabs run twice); ``memory_budget`` (bytes) picks
+    enough slabs for the accumulators to take at most half of it. On a GPU out-of-memory error
     (that error only) a failing batch of tiles is split in halves, and at one tile per
     batch the stage restarts with twice the slabs; results are the same either way.
     """
     device = image.device
+    if memory_budget is not None:
+        acc_bytes = 4 * (num_classes + 1) * math.prod(grid.extent)
+        slabs = max(slabs, min(grid.counts[0], math.ceil(2 * acc_bytes / memory_budget)))
     padded = _place(image, grid, pad_value, out=False)
     selected = active_tiles(grid, mask if skip_empty else None).to(device)
     origins = grid.origins().to(device)[selected]  # one host sync: the tile count

@@ -185,3 +185,13 @@ def test_other_runtime_errors_are_not_swallowed():
 
     with pytest.raises(RuntimeError, match="not a memory problem"):
         run_stage(Broken(3, 2), image, mask, grid, 3, -1.0)
+
+
+def test_memory_budget_picks_slabs():
+    image, mask, grid = overlap_case()
+    net = Pointwise(3, 2)
+    whole = run_stage(net, image, mask, grid, 3, -1.0)
+    calls = net.calls
+    tight = run_stage(net, image, mask, grid, 3, -1.0, memory_budget=20_000)
+    assert torch.equal(whole.labels, tight.labels)
+    assert net.calls - calls > calls  # slabs recompute straddling tiles: the budget was used
