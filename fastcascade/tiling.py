@@ -4,10 +4,12 @@ A stage's network maps an input tile of ``in_size`` voxels to an output tile of
 ``out_size`` voxels centred in it (``margin = (in - out) / 2`` per side; 0 for a
 ``"same"``-padded network). Output tiles sit on a regular lattice of ``step`` voxels:
 ``step == out`` gives non-overlapping tiles (stage 1 and the original stage 2), a step of
-half a tile along x and y with a full step along z has every voxel seen 4x (the paper's
-overlapping stage 2). On overlapping axes the lattice starts before the volume so that
-border voxels are covered as often as inner ones; the volume is padded with air so every
-tile has full context.
+half a tile along x and y with a full step along z has every inner voxel seen 4x (the
+paper's overlapping stage 2). The lattice starts at the volume's first voxel and ends with
+the first tile that reaches its last voxel, so voxels within a tile of the borders may be
+seen fewer times, as in nnU-Net and MONAI (starting the lattice before the volume would
+cover them evenly at up to twice the tiles on a scan two tiles wide). The volume is padded
+with air so every tile has full context.
 
 Tile skipping: a tile whose output region holds no candidate voxel is not computed. The
 decision runs on the mask's device with pooling, and costs one host sync per stage (the
@@ -30,16 +32,14 @@ from .ops.stitch import accumulate, finalize, tile_weight
 class TileGrid:
     """A lattice of output tiles covering a volume of ``shape`` voxels.
 
-    ``first[a]`` is the lattice's first output origin along axis ``a`` (≤ 0) and
-    ``counts[a]`` the number of tiles along it; the accumulator spans
-    ``extent[a] = (counts[a] - 1) * step[a] + out_size[a]`` voxels from ``first[a]``.
+    ``counts[a]`` is the number of tiles along axis ``a``, the first at voxel 0; the
+    accumulator spans ``extent[a] = (counts[a] - 1) * step[a] + out_size[a]`` voxels.
     """
 
     shape: tuple[int, int, int]
     in_size: tuple[int, int, int]
     out_size: tuple[int, int, int]
     step: tuple[int, int, int]
-    first: tuple[int, int, int]
     counts: tuple[int, int, int]
 
     @property
@@ -70,16 +70,8 @@ def make_grid(
     step = tuple(out_size) if step is None else tuple(int(s) for s in step)
     if any(s < 1 or s > o for s, o in zip(step, out_size)):
         raise ValueError(f"tile step must be within 1..{tuple(out_size)} voxels, got {step}")
-    first, counts = [], []
-    for n, o, s in zip(shape, out_size, step):
-        # Start early enough that voxel 0 is covered by as many tiles as an inner voxel.
-        f = -((o - s) // s) * s if s < o else 0
-        # Every origin before the volume's end: the last voxel is covered as often too.
-        counts.append(max(1, math.ceil((n - f) / s)))
-        first.append(f)
-    return TileGrid(
-        tuple(shape), tuple(in_size), tuple(out_size), step, tuple(first), tuple(counts)
-    )
+    counts = tuple(max(1, math.ceil((n - o) / s) + 1) for n, o, s in zip(shape, out_size, step))
+    return TileGrid(tuple(shape), tuple(in_size), tuple(out_size), step, counts)
 
 
 def overlap_step(out_size: tuple[int, ...], fractions: tuple[float, ...]) -> tuple[int, ...]:
@@ -111,8 +103,8 @@ def _place(volume: torch.Tensor, grid: TileGrid, fill: float, out: bool) -> torc
     or onto the input frame, which adds the margin on each side."""
     pads = []
     for a in reversed(range(3)):
-        lo = -grid.first[a] + (0 if out else grid.margin[a])
-        hi = grid.extent[a] + grid.first[a] - volume.shape[-3 + a]
+        lo = 0 if out else grid.margin[a]
+        hi = grid.extent[a] - volume.shape[-3 + a]
         hi += 0 if out else grid.in_size[a] - grid.out_size[a] - grid.margin[a]
         pads += [lo, hi]
     if volume.dim() == 3:
@@ -221,7 +213,6 @@ def _stitch_slabs(run, origins, mask, grid, num_classes, slabs, probabilities):
     device = mask.device
     rows, step, out = grid.counts[0], grid.step[0], grid.out_size[0]
     per = -(-rows // slabs)
-    lo_vox, hi_vox = -grid.first[0], -grid.first[0] + grid.shape[0]  # volume in acc coords
     labels = torch.zeros(grid.shape, dtype=torch.uint8, device=device)
     probs = None
     if probabilities:
@@ -238,12 +229,11 @@ def _stitch_slabs(run, origins, mask, grid, num_classes, slabs, probabilities):
         acc = torch.zeros((num_classes, b - a, *grid.extent[1:]), device=device)
         weight_sum = torch.zeros((b - a, *grid.extent[1:]), device=device)
         run.accumulate(acc, weight_sum, part, torch.tensor([a, 0, 0], device=device))
-        v0, v1 = max(own_lo, lo_vox), min(own_hi, hi_vox)  # this slab's volume voxels
+        v0, v1 = own_lo, min(own_hi, grid.shape[0])  # this slab's volume voxels
         if v0 >= v1:
             continue
-        yz = tuple(slice(-f, -f + n) for f, n in zip(grid.first[1:], grid.shape[1:]))
-        local = (slice(v0 - a, v1 - a), *yz)
-        vol = slice(v0 - lo_vox, v1 - lo_vox)
+        local = (slice(v0 - a, v1 - a), *(slice(0, n) for n in grid.shape[1:]))
+        vol = slice(v0, v1)
         p, lab = finalize(acc[(slice(None), *local)], weight_sum[local], mask=mask[vol],
                           probabilities=probabilities)
         labels[vol] = lab
