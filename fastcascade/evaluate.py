@@ -5,13 +5,22 @@ Label maps are integer arrays ``(x, y, z)`` (numpy or torch, any device) with cl
 ``0 .. num_classes - 1`` (0 = background, see ``fastcascade.config.CLASS_NAMES``). Dice
 values are fractions in [0, 1]; a Dice matrix is ``(cases, classes)`` with NaN where a
 class is absent from both the prediction and the reference of a case.
+
+The ``fastcascade evaluate`` command (``register``) runs all of it over a CSV of label
+files, one case a line, ``prediction,reference[,stage1]`` (see ``read_cases``):
+
+    $ fastcascade evaluate --csv cases.csv --label-map case_a --out report.json
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +30,11 @@ __all__ = [
     "compare_stages",
     "confusion_matrix",
     "dice",
+    "evaluate_cases",
     "markdown_table",
+    "read_cases",
+    "register",
+    "report_markdown",
     "summarize",
 ]
 
@@ -237,3 +250,290 @@ def candidate_recall_fpr(
             }
         )
     return results
+
+
+# --------------------------------------------------------------------------- label files
+
+CSV_COLUMNS = ("prediction", "reference", "stage1")
+
+
+def read_cases(csv_path: str | Path) -> list[tuple[Path, Path, Path | None]]:
+    """``(prediction, reference, stage1 or None)`` label-file paths from a CSV.
+
+    One case a line, ``prediction,reference[,stage1]``; paths relative to the CSV's
+    folder or absolute; blank lines and lines starting with ``#`` are skipped, and a first
+    line naming the columns (``prediction,reference[,stage1]``) is a header. Either every
+    case has a stage-1 column or none does. Every listed file must exist
+    (``FileNotFoundError`` naming the CSV line).
+
+    >>> read_cases("cases.csv")  # doctest: +SKIP
+    [(PosixPath('pred/a.nii.gz'), PosixPath('ref/a.nii.gz'), None)]
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"case list {csv_path} does not exist")
+    cases = []
+    header_allowed = True
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            row = [c.strip() for c in row]
+            if not any(row) or row[0].startswith("#"):
+                continue
+            is_header = [c.lower() for c in row] == list(CSV_COLUMNS[: len(row)])
+            if header_allowed and len(row) in (2, 3) and is_header:
+                header_allowed = False
+                continue
+            header_allowed = False
+            if len(row) not in (2, 3) or not all(row):
+                raise ValueError(
+                    f"{csv_path}:{line}: expected 'prediction,reference[,stage1]', "
+                    f"got {','.join(row)!r}"
+                )
+            paths = [p if p.is_absolute() else csv_path.parent / p for p in map(Path, row)]
+            for p in paths:
+                if not p.is_file():
+                    raise FileNotFoundError(f"{csv_path}:{line}: {p} does not exist")
+            cases.append((paths[0], paths[1], paths[2] if len(paths) == 3 else None))
+    if not cases:
+        raise ValueError(f"{csv_path} lists no cases; expected 'prediction,reference[,stage1]'")
+    if len({stage1 is None for *_, stage1 in cases}) > 1:
+        raise ValueError(f"{csv_path}: give the stage1 column for every case or for none")
+    return cases
+
+
+def _map_ids(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
+    """``label_map[id]`` for every voxel, 0 for ids the map does not name."""
+    if any(k < 0 or v < 0 for k, v in label_map.items()):
+        raise ValueError(f"label map ids must be >= 0, got {dict(label_map)}")
+    hi = max(int(labels.max()) if labels.size else 0, max(label_map, default=0))
+    if hi < 2**16:
+        lut = np.zeros(hi + 1, dtype=np.int64)
+        for src, dst in label_map.items():
+            lut[src] = dst
+        return lut[labels]
+    ids, inverse = np.unique(labels, return_inverse=True)  # rare huge ids: no giant table
+    mapped = np.array([label_map.get(int(i), 0) for i in ids], dtype=np.int64)
+    return mapped[inverse].reshape(labels.shape)
+
+
+def _check_ids(labels: np.ndarray, num_classes: int, path: Path, hint: str = "") -> None:
+    hi = int(labels.max()) if labels.size else 0
+    if hi >= num_classes:
+        raise ValueError(
+            f"{path} holds class id {hi}; expected ids 0..{num_classes - 1} "
+            f"for {num_classes} classes{hint}"
+        )
+
+
+def _check_shape(a: np.ndarray, a_path: Path, b: np.ndarray, b_path: Path) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{b_path} has shape {b.shape} but {a_path} has {a.shape}; "
+            "expected label maps on one grid"
+        )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _nan_stat(fn, values) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(fn(kept)) if kept else math.nan
+
+
+def evaluate_cases(
+    cases: Sequence[tuple[Path, Path, Path | None]],
+    label_map: Mapping[int, int] | None = None,
+    radii: Sequence[int] = (0, 1, 2, 3, 4, 5),
+) -> dict:
+    """Dice tables, stage 1 vs stage 2 and C2 recall/FPR for label files (``read_cases``).
+
+    Predictions and stage-1 maps hold class ids; the reference's ids go through
+    ``label_map`` (``{file id: class id}``, others → 0) when given. Class names come from
+    the JSON beside the first prediction (``seg.nii.gz`` → ``seg.json``), else
+    ``fastcascade.config.CLASS_NAMES``; every case must carry the same ones. Tables cover
+    the organs (every class but background, id 0). With stage-1 maps, the candidate
+    region C2 is their foreground dilated by r voxels of the finest axis for each r in
+    ``radii``, on the prediction's grid with its header's voxel size (mm).
+
+    Returns a JSON-ready dict (NaN where undefined): ``class_names``; ``cases`` (paths,
+    ``spacing``, ``dice`` and ``dice_stage1`` per organ, ``candidates`` per r);
+    ``dice`` and ``dice_stage1`` (``summarize``'s statistics per organ); ``wilcoxon_p``
+    per organ (``compare_stages``); ``candidates``: per r the mean and minimum recall,
+    mean false-positive rate and mean candidate fraction over the cases. The stage-1
+    entries are ``None`` without stage-1 maps.
+
+    >>> report = evaluate_cases(read_cases("cases.csv"))  # doctest: +SKIP
+    >>> report["dice"]["liver"]["mean"]  # doctest: +SKIP
+    0.95
+    """
+    from .config import CLASS_NAMES
+    from .io.nifti import load_nifti, read_label_names, read_labels
+
+    if not cases:
+        raise ValueError("no cases to evaluate; expected (prediction, reference, stage1) paths")
+    names = None
+    rows, dice2, dice1 = [], [], []
+    for pred_path, ref_path, s1_path in cases:
+        case_names = read_label_names(pred_path) or CLASS_NAMES
+        if names is None:
+            names = tuple(case_names)
+        elif tuple(case_names) != names:
+            raise ValueError(
+                f"{pred_path}: classes {list(case_names)} differ from the first case's "
+                f"{list(names)}"
+            )
+        k = len(names)
+        pred = read_labels(pred_path)
+        _check_ids(pred, k, pred_path)
+        ref = read_labels(ref_path)
+        _check_shape(pred, pred_path, ref, ref_path)
+        if label_map is not None:
+            ref = _map_ids(ref, label_map)
+        _check_ids(ref, k, ref_path, "; map its ids with --label-map" if label_map is None else "")
+        row = {
+            "prediction": str(pred_path),
+            "reference": str(ref_path),
+            "stage1": None if s1_path is None else str(s1_path),
+            "spacing": [float(z) for z in load_nifti(pred_path).header.get_zooms()[:3]],
+        }
+        d2 = dice(pred, ref, k)
+        dice2.append(d2)
+        row["dice"] = dict(zip(names[1:], d2[1:].tolist(), strict=True))
+        if s1_path is not None:
+            s1 = read_labels(s1_path)
+            _check_shape(pred, pred_path, s1, s1_path)
+            _check_ids(s1, k, s1_path)
+            d1 = dice(s1, ref, k)
+            dice1.append(d1)
+            row["dice_stage1"] = dict(zip(names[1:], d1[1:].tolist(), strict=True))
+            row["candidates"] = candidate_recall_fpr(ref, s1, radii, row["spacing"])
+        rows.append(row)
+
+    organs = names[1:]
+    report = {
+        "class_names": list(names),
+        "cases": rows,
+        "dice": summarize(np.array(dice2)[:, 1:], organs),
+        "dice_stage1": None,
+        "wilcoxon_p": None,
+        "candidates": None,
+    }
+    if dice1:
+        report["dice_stage1"] = summarize(np.array(dice1)[:, 1:], organs)
+        p = compare_stages(np.array(dice1), np.array(dice2))[1:]
+        report["wilcoxon_p"] = dict(zip(organs, p.tolist(), strict=True))
+        report["candidates"] = [
+            {
+                "radius": r,
+                "recall_mean": _nan_stat(np.mean, [c["candidates"][i]["recall"] for c in rows]),
+                "recall_min": _nan_stat(np.min, [c["candidates"][i]["recall"] for c in rows]),
+                "fpr_mean": _nan_stat(np.mean, [c["candidates"][i]["fpr"] for c in rows]),
+                "candidate_fraction_mean": _nan_stat(
+                    np.mean, [c["candidates"][i]["candidate_fraction"] for c in rows]
+                ),
+            }
+            for i, r in enumerate(radii)
+        ]
+    return report
+
+
+def report_markdown(report: dict, digits: int = 3) -> str:
+    """``evaluate_cases``'s report as markdown: the Dice table(s), then, with stage-1
+    maps, the Wilcoxon p-values per organ and C2's recall / false-positive rate per r."""
+    n = len(report["cases"])
+    parts = [f"Dice, prediction ({n} cases)\n\n" + markdown_table(report["dice"], digits)]
+    if report["dice_stage1"] is not None:
+        parts.append("Dice, stage 1\n\n" + markdown_table(report["dice_stage1"], digits))
+        lines = [
+            "| class | stage 1 mean | prediction mean | p |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, p in report["wilcoxon_p"].items():
+            s1, s2 = report["dice_stage1"][name]["mean"], report["dice"][name]["mean"]
+            lines.append(f"| {name} | {_fmt(s1, digits)} | {_fmt(s2, digits)} | {_fmt(p, 4)} |")
+        parts.append("Wilcoxon signed-rank test, stage 1 vs prediction\n\n" + "\n".join(lines))
+        lines = [
+            "| r | recall mean | recall min | FPR mean | C2 fraction |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for c in report["candidates"]:
+            cells = [
+                _fmt(c[k], 4)
+                for k in ("recall_mean", "recall_min", "fpr_mean", "candidate_fraction_mean")
+            ]
+            lines.append(f"| {c['radius']} | " + " | ".join(cells) + " |")
+        parts.append(
+            "Candidate region C2 (stage-1 foreground dilated by r voxels)\n\n" + "\n".join(lines)
+        )
+    return "\n\n".join(parts)
+
+
+def _jsonable(value):
+    """NaN → ``None`` (JSON has no NaN), recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _radii(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}; expected comma-separated integers, e.g. 0,1,2,3"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}; radii must be >= 0 (voxels)")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``evaluate`` to the ``fastcascade`` command's subparsers."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="Dice tables, stage 1 vs stage 2, C2 recall/FPR from label files",
+        description="Compare predicted label maps with references: Dice per organ (mean, "
+        "std, median, min, max); with stage-1 maps also their Dice, the Wilcoxon "
+        "signed-rank p-value per organ and the candidate region's recall and false-positive "
+        "rate for each r. CSV lines: prediction,reference[,stage1] (paths relative to the "
+        "CSV's folder or absolute).",
+    )
+    p.add_argument("--csv", required=True, type=Path, help="CSV of prediction,reference[,stage1]")
+    p.add_argument(
+        "--label-map",
+        default=None,
+        help='reference ids onto classes: case_a, none or a JSON file {"id": class id}',
+    )
+    p.add_argument("--out", type=Path, help="also write the report as JSON")
+    p.add_argument(
+        "--radii",
+        type=_radii,
+        default="0,1,2,3,4,5",
+        help="dilation radii r for C2, voxels (default: 0,1,2,3,4,5)",
+    )
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .io.checkpoint import atomic_write
+    from .train.commands import read_label_map
+
+    if args.out is not None and args.out.is_dir():
+        raise IsADirectoryError(f"--out {args.out} is a folder; expected a JSON file name")
+    label_map = read_label_map(args.label_map)
+    report = evaluate_cases(read_cases(args.csv), label_map, args.radii)
+    print(report_markdown(report))
+    if args.out is not None:
+        report = {"csv": str(args.csv), "label_map": args.label_map, **report}
+        text = json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n"
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+        print(f"\nwrote {args.out}")
+    return 0

@@ -248,3 +248,298 @@ def test_candidate_recall_fpr_without_reference_foreground():
     assert math.isnan(row["recall"]) and row["fpr"] == pytest.approx(7 / 64)
     with pytest.raises(ValueError, match="one shape"):
         candidate_recall_fpr(ref, stage1[:2], [1])
+
+
+# ----------------------------------------------------------------------------------------
+# The `fastcascade evaluate` command
+# ----------------------------------------------------------------------------------------
+
+NAMES = ("background", "liver", "spleen")
+SHAPE = (4, 3, 2)  # 6 voxels per x-slab
+
+
+def _labels(**slabs):
+    """A SHAPE label map; ``liver=np.s_[0]`` puts class 1 at those voxels, etc."""
+    out = np.zeros(SHAPE, np.uint8)
+    for name, where in slabs.items():
+        out[where] = NAMES.index(name)
+    return out
+
+
+# Three cases, Dice counted by hand (reference: liver x=0 (6 voxels), spleen x=3 (6) but
+# none in case 3). Prediction and stage 1 per case, with the voxel counts behind each Dice:
+#   case 1: pred liver x=0..1 (12) -> 2·6/18 = 2/3, spleen exact -> 1
+#           s1   liver x=0..2 (18) -> 2·6/24 = 1/2, spleen exact -> 1
+#   case 2: pred liver x=0,y=0 (2) -> 2·2/8 = 1/2, no spleen -> 0
+#           s1   liver one voxel   -> 2·1/7 = 2/7, no spleen -> 0
+#   case 3: pred liver exact -> 1, spleen nowhere -> NaN
+#           s1   liver x=0,y<2 (4) -> 2·4/10 = 4/5
+CASES = [
+    {
+        "ref": _labels(liver=np.s_[0], spleen=np.s_[3]),
+        "pred": _labels(liver=np.s_[0:2], spleen=np.s_[3]),
+        "s1": _labels(liver=np.s_[0:3], spleen=np.s_[3]),
+        "zooms": (1.0, 1.0, 1.0),
+    },
+    {
+        "ref": _labels(liver=np.s_[0], spleen=np.s_[3]),
+        "pred": _labels(liver=np.s_[0, 0]),
+        "s1": _labels(liver=np.s_[0, 0, 0]),
+        "zooms": (0.5, 1.0, 1.0),  # r voxels of 0.5 mm: dilation along x only for r = 1
+    },
+    {
+        "ref": _labels(liver=np.s_[0]),
+        "pred": _labels(liver=np.s_[0]),
+        "s1": _labels(liver=np.s_[0, 0:2]),
+        "zooms": (1.0, 1.0, 2.0),
+    },
+]
+LIVER = [2 / 3, 1 / 2, 1.0]
+SPLEEN = [1.0, 0.0, math.nan]
+LIVER_S1 = [1 / 2, 2 / 7, 4 / 5]
+SPLEEN_S1 = [1.0, 0.0, math.nan]
+# liver improves in all 3 cases by distinct amounts: exact two-sided p = 2 / 2**3;
+# spleen never changes: no test
+P_LIVER = 0.25
+RADII = (0, 1, 2)
+CASE_A_IDS = {"liver": 5, "spleen": 1}  # fastcascade.config.CASE_A_TO_CLASSES
+
+
+def _write(path, labels, zooms=(1.0, 1.0, 1.0), names=None):
+    import json
+
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(labels, np.diag([*zooms, 1.0])), path)
+    if names is not None:
+        names_json = {str(i): n for i, n in enumerate(names)}
+        path.with_name(path.name.removesuffix(".nii.gz") + ".json").write_text(
+            json.dumps(names_json)
+        )
+    return path
+
+
+@pytest.fixture
+def case_files(tmp_path):
+    """The three CASES as NIfTI files, references in case A's ids, and a CSV with a
+    header, relative paths and one absolute path."""
+    (tmp_path / "pred").mkdir()
+    lines = ["prediction,reference,stage1"]
+    for i, case in enumerate(CASES):
+        ref = np.zeros(SHAPE, np.uint8)
+        for name, file_id in CASE_A_IDS.items():
+            ref[case["ref"] == NAMES.index(name)] = file_id
+        ref[2, 2, 1] = 99  # background in every case; unmapped, so it maps to 0
+        _write(tmp_path / f"ref{i}.nii.gz", ref, case["zooms"])
+        _write(tmp_path / f"classes{i}.nii.gz", case["ref"], case["zooms"])
+        _write(tmp_path / "pred" / f"p{i}.nii.gz", case["pred"], case["zooms"], NAMES)
+        _write(tmp_path / f"s1_{i}.nii.gz", case["s1"], case["zooms"])
+        pred = tmp_path / "pred" / f"p{i}.nii.gz" if i == 1 else f"pred/p{i}.nii.gz"
+        lines.append(f"{pred},ref{i}.nii.gz,s1_{i}.nii.gz")
+    (tmp_path / "cases.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def _run(capsys, *argv):
+    from fastcascade.cli import main
+
+    status = main(["evaluate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _row(name, values, digits=3):
+    """The markdown row ``markdown_table`` should print, from hand values (statistics
+    module, not numpy)."""
+    import statistics
+
+    v = [x for x in values if not math.isnan(x)]
+    mean = f"{statistics.mean(v):.{digits}f}"
+    if len(v) > 1:
+        mean += f" ± {statistics.stdev(v):.{digits}f}"
+    cells = [statistics.median(v), min(v), max(v)]
+    return f"| {name} | {len(v)} | {mean} | " + " | ".join(f"{c:.{digits}f}" for c in cells) + " |"
+
+
+def _c2_oracle(case, radius):
+    """C2 = voxels within r x finest spacing (mm) of stage 1's foreground (SciPy EDT)."""
+    dist = ndimage.distance_transform_edt(case["s1"] == 0, sampling=case["zooms"])
+    c2 = dist <= radius * min(case["zooms"]) * (1 + 1e-9)
+    fg = case["ref"] > 0
+    return (c2 & fg).sum() / fg.sum(), (c2 & ~fg).sum() / (~fg).sum(), c2.mean()
+
+
+def test_evaluate_prints_hand_computed_tables(case_files, capsys):
+    status, out, err = _run(
+        capsys, "--csv", case_files / "cases.csv", "--label-map", "case_a", "--radii", "0,1,2"
+    )
+    assert status == 0, err
+    lines = out.splitlines()
+    assert _row("liver", LIVER) in lines  # | liver | 3 | 0.722 ± 0.255 | 0.667 | ...
+    assert _row("spleen", SPLEEN) in lines
+    assert _row("liver", LIVER_S1) in lines
+    assert _row("spleen", SPLEEN_S1) in lines
+    assert lines.index(_row("liver", LIVER)) < lines.index(_row("liver", LIVER_S1))
+    assert "| liver | 0.529 | 0.722 | 0.2500 |" in lines  # (1/2 + 2/7 + 4/5) / 3
+    assert "| spleen | 0.500 | 0.500 | n/a |" in lines
+    assert not any(line.startswith("| background") for line in lines)
+    for r in RADII:
+        got = [ln for ln in lines if ln.startswith(f"| {r} | ")]
+        recall, fpr, frac = zip(*(_c2_oracle(c, r) for c in CASES), strict=True)
+        cells = [np.mean(recall), np.min(recall), np.mean(fpr), np.mean(frac)]
+        assert got == [f"| {r} | " + " | ".join(f"{c:.4f}" for c in cells) + " |"]
+
+
+def test_evaluate_writes_the_report_as_json(case_files, capsys):
+    import json
+
+    out_path = case_files / "report.json"
+    status, out, err = _run(
+        capsys,
+        "--csv", case_files / "cases.csv",
+        "--label-map", "case_a",
+        "--radii", "0,1,2",
+        "--out", out_path,
+    )  # fmt: skip
+    assert status == 0, err
+    assert f"wrote {out_path}" in out
+    report = json.loads(out_path.read_text())  # strict JSON: NaN written as null
+    assert not list(case_files.glob(".*tmp"))  # the temporary file was renamed
+    assert report["class_names"] == list(NAMES) and report["label_map"] == "case_a"
+    assert report["csv"] == str(case_files / "cases.csv")
+
+    def nan(values):
+        return [None if math.isnan(v) else pytest.approx(v) for v in values]
+
+    cases = report["cases"]
+    assert [c["prediction"] for c in cases] == [
+        str(case_files / "pred" / f"p{i}.nii.gz") for i in range(3)
+    ]
+    assert [c["stage1"] for c in cases] == [str(case_files / f"s1_{i}.nii.gz") for i in range(3)]
+    assert [c["spacing"] for c in cases] == [list(c["zooms"]) for c in CASES]
+    assert [c["dice"]["liver"] for c in cases] == nan(LIVER)
+    assert [c["dice"]["spleen"] for c in cases] == nan(SPLEEN)
+    assert [c["dice_stage1"]["liver"] for c in cases] == nan(LIVER_S1)
+    liver = report["dice"]["liver"]
+    assert liver["n"] == 3 and liver["mean"] == pytest.approx(np.mean(LIVER))
+    assert liver["median"] == pytest.approx(2 / 3) and liver["max"] == 1.0
+    spleen = report["dice"]["spleen"]
+    assert spleen["n"] == 2 and spleen["std"] == pytest.approx(math.sqrt(0.5))
+    assert report["dice_stage1"]["liver"]["min"] == pytest.approx(2 / 7)
+    assert report["wilcoxon_p"] == {"liver": pytest.approx(P_LIVER), "spleen": None}
+    assert [c["radius"] for c in report["candidates"]] == list(RADII)
+    for case, row in zip(CASES, cases, strict=True):
+        for r, got in zip(RADII, row["candidates"], strict=True):
+            recall, fpr, frac = _c2_oracle(case, r)
+            assert (got["radius"], got["recall"], got["fpr"]) == (
+                r,
+                pytest.approx(recall),
+                pytest.approx(fpr),
+            )
+            assert got["candidate_fraction"] == pytest.approx(frac)
+    # case 2 (0.5 mm along x): r = 1 reaches the x neighbour only, not y or z
+    assert cases[1]["candidates"][1]["recall"] == pytest.approx(1 / 12)
+
+
+def test_evaluate_label_map_from_json_file_and_without_map(case_files, capsys):
+    import json
+
+    map_path = case_files / "map.json"
+    map_path.write_text(json.dumps({str(v): NAMES.index(k) for k, v in CASE_A_IDS.items()}))
+    status, out, err = _run(capsys, "--csv", case_files / "cases.csv", "--label-map", map_path)
+    assert status == 0, err
+    assert _row("liver", LIVER) in out.splitlines()
+    # without a map the case-A ids (5, 99) are not classes of the prediction
+    status, out, err = _run(capsys, "--csv", case_files / "cases.csv")
+    assert status == 2 and out == ""
+    assert "ref0.nii.gz holds class id 99" in err and "--label-map" in err
+
+
+def test_evaluate_without_stage1_and_default_class_names(tmp_path, capsys):
+    from fastcascade.config import CLASS_NAMES
+
+    case = CASES[0]
+    _write(tmp_path / "p.nii.gz", case["pred"])  # no JSON beside: the package's classes
+    _write(tmp_path / "r.nii.gz", case["ref"])
+    (tmp_path / "cases.csv").write_text("# one case\np.nii.gz , r.nii.gz\n\n")
+    status, out, err = _run(capsys, "--csv", tmp_path / "cases.csv")
+    assert status == 0, err
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| class")]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(CLASS_NAMES[1:])
+    assert "| liver | 1 | 0.667 | 0.667 | 0.667 | 0.667 |" in rows
+    assert "| pancreas | 0 | n/a | n/a | n/a | n/a |" in rows
+    assert "stage 1" not in out and "C2" not in out
+
+
+def _broken(tmp_path, kind):
+    case = CASES[0]
+    _write(tmp_path / "p.nii.gz", case["pred"], names=NAMES)
+    _write(tmp_path / "r.nii.gz", case["ref"])
+    _write(tmp_path / "small.nii.gz", case["ref"][:3])
+    _write(tmp_path / "bad_ids.nii.gz", case["pred"] * 2, names=NAMES)  # id 4 of 3 classes
+    (tmp_path / "junk.nii.gz").write_text("not an image")
+    rows = {
+        "missing-file": "p.nii.gz,nothing.nii.gz",
+        "shape-mismatch": "p.nii.gz,small.nii.gz",
+        "stage1-shape": "p.nii.gz,r.nii.gz,small.nii.gz",
+        "one-column": "p.nii.gz",
+        "four-columns": "p.nii.gz,r.nii.gz,r.nii.gz,r.nii.gz",
+        "empty-cell": "p.nii.gz,,r.nii.gz",
+        "only-header": "prediction,reference",
+        "mixed-stage1": "p.nii.gz,r.nii.gz\np.nii.gz,r.nii.gz,r.nii.gz",
+        "id-beyond-classes": "bad_ids.nii.gz,r.nii.gz",
+        "not-a-nifti-name": "cases.csv,r.nii.gz",
+        "not-nifti": "p.nii.gz,junk.nii.gz",
+    }
+    if kind != "missing-csv":
+        (tmp_path / "cases.csv").write_text(rows[kind] + "\n")
+    return tmp_path / "cases.csv"
+
+
+ERRORS = [
+    ("missing-csv", "cases.csv does not exist"),
+    ("missing-file", "cases.csv:1: {tmp}/nothing.nii.gz does not exist"),
+    ("shape-mismatch", "small.nii.gz has shape (3, 3, 2) but {tmp}/p.nii.gz has (4, 3, 2)"),
+    ("stage1-shape", "small.nii.gz has shape (3, 3, 2)"),
+    ("one-column", "cases.csv:1: expected 'prediction,reference[,stage1]'"),
+    ("four-columns", "cases.csv:1: expected"),
+    ("empty-cell", "cases.csv:1: expected"),
+    ("only-header", "lists no cases"),
+    ("mixed-stage1", "stage1 column for every case or for none"),
+    ("id-beyond-classes", "bad_ids.nii.gz holds class id 4; expected ids 0..2"),
+    ("not-a-nifti-name", "cases.csv: expected a file name ending in .nii or .nii.gz"),
+    ("not-nifti", "junk.nii.gz: not a readable NIfTI file"),
+]
+
+
+@pytest.mark.parametrize("kind,message", ERRORS, ids=[kind for kind, _ in ERRORS])
+def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, kind, message):
+    csv_path = _broken(tmp_path, kind)
+    status, out, err = _run(capsys, "--csv", csv_path)
+    assert status == 2 and out == ""
+    assert err.startswith("fastcascade evaluate: error: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err
+
+
+@pytest.mark.parametrize("radii", ["1,x", "-1", ""], ids=["not-int", "negative", "empty"])
+def test_evaluate_rejects_bad_radii(tmp_path, capsys, radii):
+    with pytest.raises(SystemExit) as e:
+        _run(capsys, "--csv", tmp_path / "cases.csv", "--radii", radii)
+    assert e.value.code == 2
+    assert "--radii" in capsys.readouterr().err
+
+
+def test_evaluate_unknown_label_map_and_out_folder(case_files, capsys):
+    status, _, err = _run(capsys, "--csv", case_files / "cases.csv", "--label-map", "case_b")
+    assert status == 2 and "--label-map must be one of ['case_a']" in err
+    status, _, err = _run(capsys, "--csv", case_files / "cases.csv", "--out", case_files)
+    assert status == 2 and "is a folder" in err
+
+
+def test_label_map_that_is_not_an_object_is_a_value_error(tmp_path):
+    from fastcascade.train.commands import read_label_map
+
+    path = tmp_path / "map.json"
+    path.write_text("[5, 1]")
+    with pytest.raises(ValueError, match="JSON object"):
+        read_label_map(str(path))
