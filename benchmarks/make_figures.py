@@ -4,7 +4,9 @@
     python benchmarks/make_figures.py phantom    # only docs/phantom_overlay.png
 
 ``phantom``: the synthetic phantom of seed 0 without contrast, with its labels
-(``docs/phantom_overlay.png``). Needs matplotlib (``pip install fastcascade[viz]``).
+(``docs/phantom_overlay.png``); ``case_a``: the real case A segmented by the default model
+(``docs/case_a_overlay.png``; needs the shared data). Needs matplotlib
+(``pip install fastcascade[viz]``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,27 @@ def phantom_overlay(out: Path = DOCS / "phantom_overlay.png") -> Path:
     return out
 
 
-FIGURES = {"phantom": phantom_overlay}
+def case_a_overlay(out: Path = DOCS / "case_a_overlay.png") -> Path:
+    """The real case A segmented by the embedded default model (skipped without the data)."""
+    import nibabel as nib
+    import numpy as np
+
+    import fastcascade
+    from fastcascade.demo import find_case_a
+    from fastcascade.viz import overlay_png
+
+    paths = find_case_a()
+    if paths is None:
+        raise SystemExit("case A not found: set FASTCASCADE_DATA")
+    ct = nib.as_closest_canonical(nib.load(str(paths[0])))
+    result = fastcascade.segment(ct, device="cpu")
+    image = np.asarray(ct.dataobj, dtype=np.float32)
+    # Slices through the kidneys' hila (axial), the kidneys (coronal), the liver (sagittal).
+    overlay_png(image, result.labels, out, ct.header.get_zooms()[:3], slices=(78, 40, 80))
+    return out
+
+
+FIGURES = {"phantom": phantom_overlay, "case_a": case_a_overlay}
 
 
 def main() -> None:

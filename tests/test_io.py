@@ -701,3 +701,13 @@ def test_read_labels_on_a_truncated_file(tmp_path):
     with pytest.raises(ValueError, match="truncated") as info:
         read_labels(_truncated(tmp_path, ".nii.gz", 0.5))
     assert "cut.nii.gz" in str(info.value)
+
+
+def test_label_names_json_with_a_gap_is_a_value_error(tmp_path):
+    import json
+
+    from fastcascade.io.nifti import read_label_names
+
+    (tmp_path / "seg.json").write_text(json.dumps({"0": "background", "2": "liver"}))
+    with pytest.raises(ValueError, match="every id"):
+        read_label_names(tmp_path / "seg.nii.gz")

@@ -202,7 +202,13 @@ def read_label_names(path: PathLike) -> tuple[str, ...] | None:
     if not names_path.exists():
         return None
     mapping = json.loads(names_path.read_text())
-    return tuple(mapping[str(i)] for i in range(len(mapping)))
+    try:
+        return tuple(str(mapping[str(i)]) for i in range(len(mapping)))
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{names_path} must map every id 0..{len(mapping) - 1} to a name, "
+            '{"0": "background", ...}'
+        ) from None
 
 
 # --------------------------------------------------------------------------- writing

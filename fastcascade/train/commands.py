@@ -83,7 +83,13 @@ def read_label_map(value: str | None) -> dict[int, int] | None:
             f"--label-map must be one of {sorted(LABEL_MAPS)}, 'none' or a JSON file; "
             f"{value!r} is neither"
         )
-    return {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    mapping = json.loads(path.read_text())
+    try:
+        return {int(k): int(v) for k, v in mapping.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(
+            f"label map {path} must be a JSON object of integer ids, e.g. {{\"5\": 1}}"
+        ) from None
 
 
 def _source(args, spacing, seed):
