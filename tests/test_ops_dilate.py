@@ -4,23 +4,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastcascade.diagnostics import SyncCounter
 from fastcascade.ops.dilate import dilate, dilate_ref, structuring_element
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the ops that make a GPU wait for the host (scalar reads, nonzero)."""
-
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.SYNCING
-        return func(*args, **(kwargs or {}))
 
 
 def blobs(shape, density, seed):
@@ -196,6 +182,6 @@ def test_bad_inputs_raise(call, error):
 
 def test_torch_path_reads_nothing_back_from_the_device():
     mask = t(MASKS["dense-12x10x8"])
-    with HostReads() as reads:
+    with SyncCounter() as reads:
         dilate(mask, 3, (1.0, 1.0, 2.0))
-    assert reads.count == 0
+    assert reads.syncs == 0

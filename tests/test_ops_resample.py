@@ -6,24 +6,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastcascade.diagnostics import SyncCounter
 from fastcascade.ops.resample import resample, resample_ref, working_shape
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the ops that make a GPU wait for the host (scalar reads, nonzero)."""
-
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.SYNCING
-        return func(*args, **(kwargs or {}))
-
 
 # (input shape, output shape): up, down, mixed, odd, to and from a single voxel.
 SHAPES = {
@@ -195,6 +180,6 @@ def test_bad_inputs_raise(call, error):
 @pytest.mark.parametrize("mode", ["linear", "nearest"])
 def test_resample_reads_nothing_back_from_the_device(mode):
     volume = torch.rand(2, 5, 6, 7)
-    with HostReads() as reads:
+    with SyncCounter() as reads:
         resample(volume, (3, 8, 9), mode=mode)
-    assert reads.count == 0
+    assert reads.syncs == 0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastcascade.diagnostics import SyncCounter
 from fastcascade.ops.stitch import (
     WEIGHT_FLOOR,
     accumulate,
@@ -16,21 +16,6 @@ from fastcascade.ops.stitch import (
     finalize_ref,
     tile_weight,
 )
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the ops that make a GPU wait for the host (scalar reads, nonzero)."""
-
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.SYNCING
-        return func(*args, **(kwargs or {}))
-
 
 ACCUMULATORS = {
     "auto": lambda *a: accumulate(*a, backend="auto"),
@@ -331,9 +316,9 @@ def test_empty_batch_is_a_no_op():
 def test_host_reads_scatter_one_bounds_check_finalize_none():
     acc, weight_sum = torch.zeros(2, 6, 6, 6), torch.zeros(6, 6, 6)
     tiles, origins = torch.rand(2, 2, 3, 3, 3), torch.tensor([[0, 0, 0], [1, 2, 3]])
-    with HostReads() as reads:
+    with SyncCounter() as reads:
         accumulate(acc, weight_sum, tiles, origins, tile_weight((3, 3, 3)), backend="torch")
-    assert reads.count == 1  # the bounds check of the origins
-    with HostReads() as reads:
+    assert reads.syncs == 1  # the bounds check of the origins
+    with SyncCounter() as reads:
         finalize(acc, weight_sum, mask=torch.rand(6, 6, 6) > 0.5)
-    assert reads.count == 0
+    assert reads.syncs == 0
