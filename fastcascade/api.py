@@ -56,8 +56,11 @@ class SegmentationResult:
             if self.probabilities is None:
                 raise ValueError("no probabilities: call segment(..., probabilities=True)")
             write_probabilities(
-                probabilities_path, self.probabilities, self.affine,
-                header=self.header, dtype=probabilities_dtype,
+                probabilities_path,
+                self.probabilities,
+                self.affine,
+                header=self.header,
+                dtype=probabilities_dtype,
             )
 
 
@@ -98,7 +101,9 @@ class Predictor:
         compile: bool = False,
     ):
         if precision not in self.PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}")
+            raise ValueError(
+                f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}"
+            )
         self.config, self.precision, self.compile = config, precision, compile
         self.stage1, self.stage2 = stage1.eval(), stage2.eval()
         self.to(device)
@@ -135,8 +140,12 @@ class Predictor:
         """Segment one scan; see :func:`segment`."""
         t0 = time.perf_counter()
         options = CascadeOptions(
-            overlap=overlap, weights=weights, skip_empty=skip_empty, batch_size=batch_size,
-            probabilities=probabilities, memory_budget=memory_budget,
+            overlap=overlap,
+            weights=weights,
+            skip_empty=skip_empty,
+            batch_size=batch_size,
+            probabilities=probabilities,
+            memory_budget=memory_budget,
         )
         scan = load_scan(volume, spacing=spacing, affine=affine)
         if isinstance(volume, torch.Tensor) and scan.data.device != self.device:
@@ -186,7 +195,9 @@ class Predictor:
         )
 
 
-def load_model(path=None, device="auto", precision: str = "fp32", compile: bool = False) -> Predictor:
+def load_model(
+    path=None, device="auto", precision: str = "fp32", compile: bool = False
+) -> Predictor:
     """Load a cascade (``model.safetensors`` + ``model.json``); ``None`` is the default.
 
     ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast for the networks (GPU);
@@ -234,7 +245,13 @@ def segment(
     else:
         predictor = load_model(model, device=resolve_device(device, volume))
     return predictor.segment(
-        volume, spacing=spacing, affine=affine, overlap=overlap,
-        probabilities=probabilities, batch_size=batch_size, weights=weights,
-        memory_budget=memory_budget, progress=progress,
+        volume,
+        spacing=spacing,
+        affine=affine,
+        overlap=overlap,
+        probabilities=probabilities,
+        batch_size=batch_size,
+        weights=weights,
+        memory_budget=memory_budget,
+        progress=progress,
     )

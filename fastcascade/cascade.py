@@ -108,8 +108,18 @@ def candidate_region(
     """
     c1 = body_mask(image_hu, config.body_threshold)
     lap("c1")
-    first = _stage(stage1, image_hu, c1, config.stage1, config.num_classes, None, options,
-                   "constant", False, progress)
+    first = _stage(
+        stage1,
+        image_hu,
+        c1,
+        config.stage1,
+        config.num_classes,
+        None,
+        options,
+        "constant",
+        False,
+        progress,
+    )
     lap("stage1")
     c2 = dilate(first.labels > 0, config.radius, config.spacing)
     lap("c2")
@@ -133,12 +143,20 @@ def run_cascade(
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
     clock = _Clock(image_hu.device)
-    c1, first, c2 = candidate_region(image_hu, stage1, config, options, report("stage1"),
-                                     clock.lap)
+    c1, first, c2 = candidate_region(image_hu, stage1, config, options, report("stage1"), clock.lap)
     step = options.overlap_step if options.overlap else None
-    second = _stage(stage2, image_hu, c2, config.stage2, config.num_classes, step, options,
-                    options.weights if options.overlap else "constant", options.probabilities,
-                    report("stage2"))
+    second = _stage(
+        stage2,
+        image_hu,
+        c2,
+        config.stage2,
+        config.num_classes,
+        step,
+        options,
+        options.weights if options.overlap else "constant",
+        options.probabilities,
+        report("stage2"),
+    )
     clock.lap("stage2")
     return CascadeOutput(first, second, c1, c2, clock.timings)
 

@@ -66,8 +66,10 @@ def main(argv=None) -> int:
     print(f"labels written to {seg_out} (+ {seg_out.name.replace('.nii.gz', '.json')})")
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     print(f"times: {times}")
-    print(f"C1 {result.c1_fraction:.1%} of voxels, C2 {result.c2_fraction:.1%}; tiles "
-          + ", ".join(f"{k} {c}/{t}" for k, (c, t) in result.tiles.items()))
+    print(
+        f"C1 {result.c1_fraction:.1%} of voxels, C2 {result.c2_fraction:.1%}; tiles "
+        + ", ".join(f"{k} {c}/{t}" for k, (c, t) in result.tiles.items())
+    )
 
     scores = dice(result.labels, reference, len(CLASS_NAMES))
     print("\nDice against the reference" + (" (pseudo-ground-truth)" if case_a else ""))
@@ -80,8 +82,10 @@ def main(argv=None) -> int:
         seg = nib.as_closest_canonical(nib.load(str(seg_out)))
         png = out / f"{name}_overlay.png"
         overlay_png(
-            np.asarray(ct.dataobj, dtype=np.float32), np.asarray(seg.dataobj),
-            png, spacing=ct.header.get_zooms()[:3],
+            np.asarray(ct.dataobj, dtype=np.float32),
+            np.asarray(seg.dataobj),
+            png,
+            spacing=ct.header.get_zooms()[:3],
         )
         print(f"overlay written to {png}")
     except ImportError as err:

@@ -32,9 +32,7 @@ _SYNC_OPS = {
 
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
-    return any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()
-    )
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
 
 
 class SyncCounter(TorchDispatchMode):

@@ -44,11 +44,13 @@ class TileGrid:
 
     @property
     def margin(self) -> tuple[int, ...]:
-        return tuple((i - o) // 2 for i, o in zip(self.in_size, self.out_size))
+        return tuple((i - o) // 2 for i, o in zip(self.in_size, self.out_size, strict=True))
 
     @property
     def extent(self) -> tuple[int, ...]:
-        return tuple((c - 1) * s + o for c, s, o in zip(self.counts, self.step, self.out_size))
+        return tuple(
+            (c - 1) * s + o for c, s, o in zip(self.counts, self.step, self.out_size, strict=True)
+        )
 
     @property
     def num_tiles(self) -> int:
@@ -56,7 +58,7 @@ class TileGrid:
 
     def origins(self) -> torch.Tensor:
         """All tiles' output origins relative to the accumulator, long ``(T, 3)``, C order."""
-        axes = [torch.arange(c) * s for c, s in zip(self.counts, self.step)]
+        axes = [torch.arange(c) * s for c, s in zip(self.counts, self.step, strict=True)]
         return torch.cartesian_prod(*axes).reshape(-1, 3)
 
 
@@ -68,15 +70,17 @@ def make_grid(
 ) -> TileGrid:
     """Lattice of output tiles of ``out_size`` every ``step`` voxels covering ``shape``."""
     step = tuple(out_size) if step is None else tuple(int(s) for s in step)
-    if any(s < 1 or s > o for s, o in zip(step, out_size)):
+    if any(s < 1 or s > o for s, o in zip(step, out_size, strict=True)):
         raise ValueError(f"tile step must be within 1..{tuple(out_size)} voxels, got {step}")
-    counts = tuple(max(1, math.ceil((n - o) / s) + 1) for n, o, s in zip(shape, out_size, step))
+    counts = tuple(
+        max(1, math.ceil((n - o) / s) + 1) for n, o, s in zip(shape, out_size, step, strict=True)
+    )
     return TileGrid(tuple(shape), tuple(in_size), tuple(out_size), step, counts)
 
 
 def overlap_step(out_size: tuple[int, ...], fractions: tuple[float, ...]) -> tuple[int, ...]:
     """Lattice step in voxels for step ``fractions`` of the output tile per axis."""
-    return tuple(max(1, round(o * f)) for o, f in zip(out_size, fractions))
+    return tuple(max(1, round(o * f)) for o, f in zip(out_size, fractions, strict=True))
 
 
 def active_tiles(grid: TileGrid, mask: torch.Tensor | None) -> torch.Tensor:
@@ -89,10 +93,10 @@ def active_tiles(grid: TileGrid, mask: torch.Tensor | None) -> torch.Tensor:
     m = _place(mask.to(torch.float16 if mask.is_cuda else torch.float32), grid, 0.0, out=True)
     # Any-pooling in two passes: blocks of g = gcd(step, out) voxels, then each tile's
     # out/g consecutive blocks every step/g blocks.
-    g = [math.gcd(s, o) for s, o in zip(grid.step, grid.out_size)]
+    g = [math.gcd(s, o) for s, o in zip(grid.step, grid.out_size, strict=True)]
     blocks = F.max_pool3d(m[None, None], kernel_size=g, stride=g)
-    kernel = [o // gi for o, gi in zip(grid.out_size, g)]
-    stride = [s // gi for s, gi in zip(grid.step, g)]
+    kernel = [o // gi for o, gi in zip(grid.out_size, g, strict=True)]
+    stride = [s // gi for s, gi in zip(grid.step, g, strict=True)]
     tiles = F.max_pool3d(blocks, kernel_size=kernel, stride=stride)[0, 0]
     assert tuple(tiles.shape) == grid.counts, (tiles.shape, grid.counts)
     return tiles.reshape(-1) > 0
@@ -160,8 +164,9 @@ def run_stage(
     run = _TileRunner(network, padded, grid, weight, batch_size, progress, origins.shape[0])
     while True:
         try:
-            probs, labels = _stitch_slabs(run, origins, mask, grid, num_classes, slabs,
-                                          probabilities)
+            probs, labels = _stitch_slabs(
+                run, origins, mask, grid, num_classes, slabs, probabilities
+            )
             return StageOutput(labels, probs, run.done, grid.num_tiles)
         except torch.cuda.OutOfMemoryError:
             if slabs >= grid.counts[0]:
@@ -234,8 +239,12 @@ def _stitch_slabs(run, origins, mask, grid, num_classes, slabs, probabilities):
             continue
         local = (slice(v0 - a, v1 - a), *(slice(0, n) for n in grid.shape[1:]))
         vol = slice(v0, v1)
-        p, lab = finalize(acc[(slice(None), *local)], weight_sum[local], mask=mask[vol],
-                          probabilities=probabilities)
+        p, lab = finalize(
+            acc[(slice(None), *local)],
+            weight_sum[local],
+            mask=mask[vol],
+            probabilities=probabilities,
+        )
         labels[vol] = lab
         if probs is not None:
             probs[:, vol] = p

@@ -13,7 +13,11 @@ if os.environ.get("FASTCASCADE_TEST_COMPILE") != "1":
 
 import pytest  # noqa: E402
 
-DATA_DIR = Path(os.environ.get("FASTCASCADE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DATA_DIR = Path(
+    os.environ.get(
+        "FASTCASCADE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    )
+)
 CASE_A_CT = DATA_DIR / "ct" / "case_a" / "example_ct.nii.gz"
 CASE_A_SEG = DATA_DIR / "ct" / "case_a" / "example_seg_fast_force_split.nii.gz"
 

@@ -32,7 +32,9 @@ def test_dice_on_unseen_phantoms(predictor):
         result = predictor.segment(phantom.image, spacing=phantom.spacing)
         scores.append(dice(result.labels, phantom.labels, len(CLASS_NAMES))[ORGANS])
     mean = np.mean(scores, axis=0)
-    assert (mean >= 0.7).all(), dict(zip(["liver", "spleen", "kidney_r", "kidney_l"], mean))
+    assert (mean >= 0.7).all(), dict(
+        zip(["liver", "spleen", "kidney_r", "kidney_l"], mean, strict=True)
+    )
 
 
 @pytest.mark.slow
@@ -49,8 +51,10 @@ def test_case_a_geometry_and_sides(predictor, case_a_paths, tmp_path):
     # Case A's voxel axis 0 runs towards the patient's right: the right kidney and the
     # liver must lie at higher x than the left kidney and the spleen.
     labels = result.labels
-    x = {k: np.argwhere(labels == CLASS_NAMES.index(k))[:, 0].mean()
-         for k in ("liver", "spleen", "kidney_right", "kidney_left")}
+    x = {
+        k: np.argwhere(labels == CLASS_NAMES.index(k))[:, 0].mean()
+        for k in ("liver", "spleen", "kidney_right", "kidney_left")
+    }
     assert x["kidney_right"] > x["kidney_left"] and x["liver"] > x["spleen"]
     # Dice on the real scan is reported by benchmarks/e2e.py and the README; here only a
     # floor that a model confusing organs would fail.

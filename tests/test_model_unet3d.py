@@ -73,7 +73,7 @@ def functional_forward(state: dict, x: torch.Tensor, levels: int, pad: int) -> t
     for i in range(levels - 1):
         x = F.conv_transpose3d(x, state[f"up.{i}.weight"], state[f"up.{i}.bias"], stride=2)
         skip = skips[-1 - i]
-        crops = [(s - t) // 2 for s, t in zip(skip.shape[2:], x.shape[2:])]
+        crops = [(s - t) // 2 for s, t in zip(skip.shape[2:], x.shape[2:], strict=True)]
         skip = skip[
             :,
             :,

@@ -12,7 +12,7 @@ def coverage(grid):
     """How often each voxel of the volume is inside an output tile (brute force)."""
     count = torch.zeros(grid.shape, dtype=torch.int32)
     for o in grid.origins().tolist():
-        count[tuple(slice(a, a + s) for a, s in zip(o, grid.out_size))] += 1
+        count[tuple(slice(a, a + s) for a, s in zip(o, grid.out_size, strict=True))] += 1
     return count
 
 
@@ -33,18 +33,20 @@ def test_every_voxel_covered(shape, out, step, times):
     # Inner voxels (a tile away from the low border, inside the last full step) are seen
     # `times` times; none more often.
     step = step or out
-    inner = tuple(slice(o - s, (c - 1) * s) if o > s else slice(None)
-                  for o, s, c in zip(out, step, grid.counts))
+    inner = tuple(
+        slice(o - s, (c - 1) * s) if o > s else slice(None)
+        for o, s, c in zip(out, step, grid.counts, strict=True)
+    )
     assert (count[inner] == times).all() and count.max() == times
     # The lattice ends with the first tile reaching the last voxel.
-    for n, o, s, c in zip(shape, out, step, grid.counts):
+    for n, o, s, c in zip(shape, out, step, grid.counts, strict=True):
         assert (c - 1) * s + o >= n and (c == 1 or (c - 2) * s + o < n)
 
 
 def brute_force_active(grid, mask):
     active = []
     for o in grid.origins().tolist():
-        sl = tuple(slice(a, a + s) for a, s in zip(o, grid.out_size))
+        sl = tuple(slice(a, a + s) for a, s in zip(o, grid.out_size, strict=True))
         active.append(bool(mask[sl].any()))
     return torch.tensor(active)
 
@@ -76,7 +78,8 @@ class Pointwise(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "step,weights", [(None, "constant"), ((3, 3, 6), "constant"), ((3, 3, 6), "gaussian")],
+    "step,weights",
+    [(None, "constant"), ((3, 3, 6), "constant"), ((3, 3, 6), "gaussian")],
     ids=["tiles", "overlap", "overlap-gaussian"],
 )
 @pytest.mark.parametrize("margin", [0, 2], ids=["same", "valid"])
@@ -88,10 +91,25 @@ def test_run_stage_reconstructs_pointwise_network(step, weights, margin):
     net = Pointwise(4, margin)
     out = (6, 6, 6)
     grid = make_grid(image.shape, tuple(o + 2 * margin for o in out), out, step)
-    result = run_stage(net, image, mask, grid, 4, pad_value=-1.0, weight_mode=weights,
-                       batch_size=3, probabilities=True)
-    want = torch.softmax(net(image[None, None] if not margin else
-                             torch.nn.functional.pad(image, [margin] * 6)[None, None]), 1)[0]
+    result = run_stage(
+        net,
+        image,
+        mask,
+        grid,
+        4,
+        pad_value=-1.0,
+        weight_mode=weights,
+        batch_size=3,
+        probabilities=True,
+    )
+    want = torch.softmax(
+        net(
+            image[None, None]
+            if not margin
+            else torch.nn.functional.pad(image, [margin] * 6)[None, None]
+        ),
+        1,
+    )[0]
     expected_labels = want.argmax(0).to(torch.uint8) * mask
     assert torch.equal(result.labels, expected_labels)
     inside = mask.expand_as(want)

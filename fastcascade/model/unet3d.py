@@ -34,7 +34,7 @@ class ConvBNReLU(nn.Module):
 
 def _center_crop(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     slices = [slice(None), slice(None)]
-    for have, want in zip(x.shape[2:], size):
+    for have, want in zip(x.shape[2:], size, strict=True):
         start = (have - want) // 2
         slices.append(slice(start, start + want))
     return x[tuple(slices)]
@@ -100,7 +100,9 @@ class UNet3D(nn.Module):
 
     @classmethod
     def from_architecture(cls, arch: Architecture) -> UNet3D:
-        return cls(arch.in_channels, arch.num_classes, arch.base_channels, arch.levels, arch.padding)
+        return cls(
+            arch.in_channels, arch.num_classes, arch.base_channels, arch.levels, arch.padding
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
@@ -111,7 +113,7 @@ class UNet3D(nn.Module):
             if i < len(self.encoder) - 1:
                 skips.append(x)
                 x = F.max_pool3d(x, 2)
-        for up, block, skip in zip(self.up, self.decoder, reversed(skips)):
+        for up, block, skip in zip(self.up, self.decoder, reversed(skips), strict=True):
             x = up(x)
             x = block(torch.cat([_center_crop(skip, x.shape[2:]), x], dim=1))
         return self.classifier(x)
@@ -154,4 +156,4 @@ class UNet3D(nn.Module):
     def margin(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
         """Context lost on each side per axis: ``(input - output) / 2``."""
         out = self.output_size(input_size)
-        return tuple((i - o) // 2 for i, o in zip(input_size, out))
+        return tuple((i - o) // 2 for i, o in zip(input_size, out, strict=True))

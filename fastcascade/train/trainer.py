@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import AIR_HU, CascadeConfig
+from ..config import CascadeConfig
 from ..io.checkpoint import (
     atomic_write,
     check_state_dict,
@@ -40,7 +40,7 @@ from ..ops.dilate import dilate
 from ..ops.intensity import apply_window
 from ..ops.morphology import body_mask
 from .loss import weighted_cross_entropy
-from .sampling import SubvolumeSampler, crop
+from .sampling import SubvolumeSampler
 
 #: ``candidate_fn(image_hu (x, y, z) float32 HU, labels (x, y, z) uint8) -> bool (x, y, z)``
 CandidateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
