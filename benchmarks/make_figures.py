@@ -46,8 +46,8 @@ def case_a_overlay(out: Path = DOCS / "case_a_overlay.png") -> Path:
     ct = nib.as_closest_canonical(nib.load(str(paths[0])))
     result = fastcascade.segment(ct, device="cpu")
     image = np.asarray(ct.dataobj, dtype=np.float32)
-    # Slices through the kidneys' hila (axial), the kidneys (coronal), the liver (sagittal).
-    overlay_png(image, result.labels, out, ct.header.get_zooms()[:3], slices=(78, 40, 80))
+    # overlay_png picks the slices through the labelled organs' centre.
+    overlay_png(image, result.labels, out, ct.header.get_zooms()[:3])
     return out
 
 

@@ -4,7 +4,7 @@ Each stage trains in its own process so the two can share a machine's cores:
 
     python benchmarks/train_default.py --stage 1 --out runs/default --iterations 1500
     python benchmarks/train_default.py --stage 2 --out runs/default --iterations 1500
-    python benchmarks/train_default.py --assemble --out runs/default
+    python benchmarks/train_default.py --assemble --out runs/default --to fastcascade/weights/default
 
 Stage 2 trains on candidate regions C2 = ground-truth foreground dilated by r (the
 trainer's ``ground_truth_candidates``) so that it need not wait for stage 1; the paper
@@ -32,7 +32,8 @@ SEEDS = {1: 10_000, 2: 20_000}  # phantom seeds; tests and the demo use seeds < 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2))
-    p.add_argument("--assemble", action="store_true", help="write OUT/model.safetensors")
+    p.add_argument("--assemble", action="store_true", help="write the cascade from both stages")
+    p.add_argument("--to", type=Path, default=None, help="with --assemble (default: OUT/model)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--iterations", type=int, default=1500)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
             net = UNet3D.from_architecture(config.stage1.architecture)
             net.load_state_dict(ckpt["model"])
             nets.append(net)
-        print(save_cascade(args.out / "model", config, *nets))
+        print(save_cascade(args.to or args.out / "model", config, *nets))
         return 0
     source = PhantomSource(
         spacing=config.spacing, seed=SEEDS[args.stage], pool_size=24, refresh_every=50,
