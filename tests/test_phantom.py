@@ -307,3 +307,12 @@ def test_overlay_png_names_the_extra_without_matplotlib(tmp_path, small_phantom,
     ph = small_phantom
     with pytest.raises(ImportError, match=r"pip install fastcascade\[viz\]"):
         overlay_png(ph.image, ph.labels, tmp_path / "x.png", ph.spacing)
+
+
+def test_field_of_view_smaller_than_the_body_is_the_centre_of_a_full_one():
+    small = make_phantom(shape=(40, 40, 40), spacing=(3.0, 3.0, 3.0), seed=4)
+    full = make_phantom(shape=(122, 102, 112), spacing=(3.0, 3.0, 3.0), seed=4)
+    centre = (slice(41, 81), slice(31, 71), slice(36, 76))
+    np.testing.assert_array_equal(small.labels, full.labels[centre])
+    np.testing.assert_array_equal(small.image, full.image[centre])
+    np.testing.assert_allclose(small.affine[:3, 3], [-58.5, -58.5, -58.5])
