@@ -118,8 +118,8 @@ class Phantom:
         Both carry ``affine`` as sform and qform (code 1, scanner) and millimetre units.
 
         >>> ct, seg = make_phantom(shape=(40, 40, 40), seed=0).to_nifti()
-        >>> ct.get_data_dtype(), seg.get_data_dtype()
-        (dtype('int16'), dtype('uint8'))
+        >>> str(ct.get_data_dtype()), str(seg.get_data_dtype())
+        ('int16', 'uint8')
         """
         ct = np.clip(np.rint(self.image), -32768, 32767).astype(np.int16)
         out = []
