@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,7 +192,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write(target, failing)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
-    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"new"))
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"new"))
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
