@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ._checks import check_mask
+
 _BACKENDS = ("auto", "torch", "scipy")
 
 # Offsets within this relative margin of the ellipsoid's surface count as inside, so that
@@ -50,15 +52,6 @@ def _check_radius(radius: int) -> int:
     if radius < 0:
         raise ValueError(f"radius must be >= 0 voxels, got {radius}")
     return int(radius)
-
-
-def _check_mask(mask: torch.Tensor, op: str) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{op}: mask must be a bool tensor, got dtype {mask.dtype}")
-    if mask.dim() != 3:
-        raise ValueError(f"{op}: mask must be 3D (x, y, z), got shape {tuple(mask.shape)}")
 
 
 def structuring_element(radius: int, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
@@ -135,7 +128,7 @@ def dilate_ref(
 ) -> torch.Tensor:
     """Reference for :func:`dilate`: ``scipy.ndimage.binary_dilation`` with
     :func:`structuring_element`, on the host (one round trip for a device tensor)."""
-    _check_mask(mask, "dilate_ref")
+    check_mask(mask, "dilate_ref")
     element = structuring_element(radius, spacing)
     host = mask.detach().cpu().numpy()
     out = ndimage.binary_dilation(host, structure=element)
@@ -168,5 +161,5 @@ def dilate(
         raise ValueError(f"dilate: backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "scipy":
         return dilate_ref(mask, radius, spacing)
-    _check_mask(mask, "dilate")
+    check_mask(mask, "dilate")
     return _dilate_torch(mask, structuring_element(radius, spacing))

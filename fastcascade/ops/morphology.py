@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ._checks import check_mask
+
 _BACKENDS = ("auto", "scipy")
 
 # In-plane 4-connectivity inside a 3D array: neighbours along x and y only, never along z,
@@ -33,15 +35,6 @@ def _check_backend(backend: str, op: str) -> None:
             f"{op}: backend must be one of {_BACKENDS}, got {backend!r} (hole filling and "
             "connected components exist only as SciPy code for now)"
         )
-
-
-def _check_mask(mask: torch.Tensor, op: str) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{op}: mask must be a bool tensor, got dtype {mask.dtype}")
-    if mask.dim() != 3:
-        raise ValueError(f"{op}: mask must be 3D (x, y, z), got shape {tuple(mask.shape)}")
 
 
 def _check_image(image_hu: torch.Tensor, op: str) -> None:
@@ -100,7 +93,7 @@ def _largest_component_np(mask: np.ndarray) -> np.ndarray:
 
 def fill_holes_2d_ref(mask: torch.Tensor) -> torch.Tensor:
     """Reference for :func:`fill_holes_2d`: ``scipy.ndimage.binary_fill_holes`` per z slice."""
-    _check_mask(mask, "fill_holes_2d_ref")
+    check_mask(mask, "fill_holes_2d_ref")
     host = _to_host(mask)
     out = np.empty_like(host)
     for k in range(host.shape[2]):
@@ -110,7 +103,7 @@ def fill_holes_2d_ref(mask: torch.Tensor) -> torch.Tensor:
 
 def largest_component_ref(mask: torch.Tensor) -> torch.Tensor:
     """Reference for :func:`largest_component`: ``scipy.ndimage.label`` and a size count."""
-    _check_mask(mask, "largest_component_ref")
+    check_mask(mask, "largest_component_ref")
     return _to_device(_largest_component_np(_to_host(mask)), mask.device)
 
 
@@ -142,7 +135,7 @@ def fill_holes_2d(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     True
     """
     _check_backend(backend, "fill_holes_2d")
-    _check_mask(mask, "fill_holes_2d")
+    check_mask(mask, "fill_holes_2d")
     return _to_device(_fill_holes_2d_np(_to_host(mask)), mask.device)
 
 
@@ -161,7 +154,7 @@ def largest_component(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor
     [False, False, True, True, False, False]
     """
     _check_backend(backend, "largest_component")
-    _check_mask(mask, "largest_component")
+    check_mask(mask, "largest_component")
     return _to_device(_largest_component_np(_to_host(mask)), mask.device)
 
 
