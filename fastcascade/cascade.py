@@ -67,14 +67,16 @@ def _stage(
     mask: torch.Tensor,
     stage: StageConfig,
     num_classes: int,
-    step_fraction: tuple[float, ...] | None,
     options: CascadeOptions,
-    weights: str,
+    *,
+    overlap: bool,
     probabilities: bool,
     progress: Callable[[int, int], None] | None,
 ) -> StageOutput:
+    """One stage over the tiles touching ``mask``; ``overlap`` uses the options' step
+    and weights, otherwise non-overlapping tiles of constant weight."""
     out_size = network.output_size(stage.tile)
-    step = None if step_fraction is None else overlap_step(out_size, step_fraction)
+    step = overlap_step(out_size, options.overlap_step) if overlap else None
     grid = make_grid(tuple(image_hu.shape), stage.tile, out_size, step)
     with torch.inference_mode():
         return run_stage(
@@ -85,7 +87,7 @@ def _stage(
             num_classes,
             pad_value=window_value(AIR_HU, stage.window),
             skip_empty=options.skip_empty,
-            weight_mode=weights,
+            weight_mode=options.weights if overlap else "constant",
             batch_size=options.batch_size,
             probabilities=probabilities,
             memory_budget=options.memory_budget,
@@ -114,11 +116,10 @@ def candidate_region(
         c1,
         config.stage1,
         config.num_classes,
-        None,
         options,
-        "constant",
-        False,
-        progress,
+        overlap=False,
+        probabilities=False,
+        progress=progress,
     )
     lap("stage1")
     c2 = dilate(first.labels > 0, config.radius, config.spacing)
@@ -144,18 +145,16 @@ def run_cascade(
 
     clock = _Clock(image_hu.device)
     c1, first, c2 = candidate_region(image_hu, stage1, config, options, report("stage1"), clock.lap)
-    step = options.overlap_step if options.overlap else None
     second = _stage(
         stage2,
         image_hu,
         c2,
         config.stage2,
         config.num_classes,
-        step,
         options,
-        options.weights if options.overlap else "constant",
-        options.probabilities,
-        report("stage2"),
+        overlap=options.overlap,
+        probabilities=options.probabilities,
+        progress=report("stage2"),
     )
     clock.lap("stage2")
     return CascadeOutput(first, second, c1, c2, clock.timings)

@@ -160,7 +160,7 @@ def run_stage(
     padded = _place(image, grid, pad_value, out=False)
     selected = active_tiles(grid, mask if skip_empty else None).to(device)
     origins = grid.origins().to(device)[selected]  # one host sync: the tile count
-    weight = tile_weight(grid.out_size, weight_mode).to(device)
+    weight = tile_weight(grid.out_size, weight_mode, device=device)
     run = _TileRunner(network, padded, grid, weight, batch_size, progress, origins.shape[0])
     while True:
         try:
