@@ -90,11 +90,12 @@ from fastcascade.config import (  # noqa: E402
     CLASS_NAMES,
     Architecture,
     CascadeConfig,
-    StageConfig,
+    paper_config,
 )
 from fastcascade.diagnostics import SyncCounter  # noqa: E402
 from fastcascade.evaluate import confusion_matrix  # noqa: E402
 from fastcascade.io.checkpoint import load_cascade, model_paths  # noqa: E402
+from fastcascade.io.nifti import map_labels  # noqa: E402
 from fastcascade.model import UNet3D  # noqa: E402
 from fastcascade.model.unet3d import ConvBNReLU  # noqa: E402
 from fastcascade.ops.resample import resample, working_shape  # noqa: E402
@@ -166,11 +167,7 @@ def _case_a(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     img = nib.load(str(ct_path))
     volume = np.asarray(img.dataobj, dtype=np.float32)
     raw = np.asarray(nib.load(str(seg_path)).dataobj)
-    lut = np.zeros(int(raw.max()) + 1, dtype=np.uint8)
-    for src, dst in CASE_A_TO_CLASSES.items():
-        if src < lut.size:
-            lut[src] = dst
-    return volume, img.affine, lut[raw]
+    return volume, img.affine, map_labels(raw, CASE_A_TO_CLASSES).astype(np.uint8)
 
 
 def iter_cases(names: list[str], root: Path, quick: bool, notes: list[str]) -> Iterator[Case]:
@@ -297,21 +294,6 @@ def load_benchmark_model(spec: str, seed: int) -> Model:
         "parameters_per_stage": _params(s1),
     }
     return Model("default" if spec == "auto" else weights.stem, config, s1, s2, identity)
-
-
-def paper_config() -> CascadeConfig:
-    """The paper-size network (base 32, 4 levels, valid, 132x132x116 tiles) with our 11
-    classes at the paper's 1.5 mm working grid and windows."""
-    arch = Architecture(
-        in_channels=1, num_classes=len(CLASS_NAMES), base_channels=32, levels=4, padding="valid"
-    )
-    tile = (132, 132, 116)
-    return CascadeConfig(
-        class_names=CLASS_NAMES,
-        spacing=(1.5, 1.5, 1.5),
-        stage1=StageConfig(window=(-1000.0, 1000.0), tile=tile, architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=tile, architecture=arch),
-    )
 
 
 # -- providers ---------------------------------------------------------------------------
@@ -724,7 +706,10 @@ def main(argv=None) -> int:
     if args.paper_net:
         models.append(
             random_model(
-                paper_config(), args.seed, "paper_net", "paper-size network, random weights"
+                paper_config(CLASS_NAMES),
+                args.seed,
+                "paper_net",
+                "paper-size network, random weights",
             )
         )
     path = result_path(args.out, "e2e", device, "-quick" if args.quick else "")

@@ -129,11 +129,13 @@ class CascadeConfig:
         )
 
 
-def paper_config() -> CascadeConfig:
-    """The paper's preset: K = 8, half of a ~0.7 mm scan, 132x132x116 tiles, r = 3."""
-    arch = Architecture(num_classes=len(PAPER_CLASS_NAMES))
+def paper_config(class_names: tuple[str, ...] = PAPER_CLASS_NAMES) -> CascadeConfig:
+    """The paper's preset: its network (base 32, 4 levels, valid convolutions) on half of
+    a ~0.7 mm scan, 132x132x116 tiles, r = 3; K = 8 classes unless ``class_names`` says
+    otherwise."""
+    arch = Architecture(num_classes=len(class_names))
     return CascadeConfig(
-        class_names=PAPER_CLASS_NAMES,
+        class_names=tuple(class_names),
         spacing=(1.5, 1.5, 1.5),
         stage1=StageConfig(window=(-1000.0, 1000.0), architecture=arch),
         stage2=StageConfig(window=(-200.0, 400.0), architecture=arch),

@@ -19,6 +19,7 @@ import numpy as np
 from .api import segment
 from .config import CASE_A_TO_CLASSES, CLASS_NAMES
 from .evaluate import dice
+from .io.nifti import map_labels
 
 PHANTOM_SEED = 9001  # never used in training the default model
 
@@ -33,10 +34,7 @@ def find_case_a() -> tuple[Path, Path] | None:
 def case_a_reference(seg_path: Path) -> np.ndarray:
     """Case A's labels mapped onto ``CLASS_NAMES`` (on its own grid)."""
     raw = np.asarray(nib.load(str(seg_path)).dataobj)
-    lut = np.zeros(256, dtype=np.uint8)
-    for src, dst in CASE_A_TO_CLASSES.items():
-        lut[src] = dst
-    return lut[raw]
+    return map_labels(raw, CASE_A_TO_CLASSES).astype(np.uint8)
 
 
 def main(argv=None) -> int:

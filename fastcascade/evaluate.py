@@ -301,21 +301,6 @@ def read_cases(csv_path: str | Path) -> list[tuple[Path, Path, Path | None]]:
     return cases
 
 
-def _map_ids(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
-    """``label_map[id]`` for every voxel, 0 for ids the map does not name."""
-    if any(k < 0 or v < 0 for k, v in label_map.items()):
-        raise ValueError(f"label map ids must be >= 0, got {dict(label_map)}")
-    hi = max(int(labels.max()) if labels.size else 0, max(label_map, default=0))
-    if hi < 2**16:
-        lut = np.zeros(hi + 1, dtype=np.int64)
-        for src, dst in label_map.items():
-            lut[src] = dst
-        return lut[labels]
-    ids, inverse = np.unique(labels, return_inverse=True)  # rare huge ids: no giant table
-    mapped = np.array([label_map.get(int(i), 0) for i in ids], dtype=np.int64)
-    return mapped[inverse].reshape(labels.shape)
-
-
 def _check_ids(labels: np.ndarray, num_classes: int, path: Path, hint: str = "") -> None:
     hi = int(labels.max()) if labels.size else 0
     if hi >= num_classes:
@@ -368,7 +353,7 @@ def evaluate_cases(
     0.95
     """
     from .config import CLASS_NAMES
-    from .io.nifti import load_nifti, read_label_names, read_labels
+    from .io.nifti import load_nifti, map_labels, read_label_names, read_labels
 
     if not cases:
         raise ValueError("no cases to evaluate; expected (prediction, reference, stage1) paths")
@@ -389,7 +374,7 @@ def evaluate_cases(
         ref = read_labels(ref_path)
         _check_shape(pred, pred_path, ref, ref_path)
         if label_map is not None:
-            ref = _map_ids(ref, label_map)
+            ref = map_labels(ref, label_map)
         _check_ids(ref, k, ref_path, "; map its ids with --label-map" if label_map is None else "")
         row = {
             "prediction": str(pred_path),

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..io.nifti import map_labels
 from ..ops.resample import resample, working_shape
 
 
@@ -204,10 +205,7 @@ def load_nifti_pair(
     if ids.ndim > 3:
         ids = ids.reshape(ids.shape[:3])
     if label_map is not None:
-        lut = np.zeros(max(int(ids.max()), max(label_map, default=0)) + 1, dtype=np.uint8)
-        for src, dst in label_map.items():
-            lut[int(src)] = int(dst)
-        ids = lut[np.clip(ids, 0, None)]
+        ids = map_labels(ids, label_map)
     elif ids.min() < 0 or ids.max() > 255:
         raise ValueError(f"{labels_path} holds ids outside 0..255; pass a label_map")
     labels = torch.from_numpy(np.ascontiguousarray(ids.astype(np.uint8)))
