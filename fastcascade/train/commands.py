@@ -88,7 +88,7 @@ def read_label_map(value: str | None) -> dict[int, int] | None:
         return {int(k): int(v) for k, v in mapping.items()}
     except (AttributeError, TypeError, ValueError):
         raise ValueError(
-            f"label map {path} must be a JSON object of integer ids, e.g. {{\"5\": 1}}"
+            f'label map {path} must be a JSON object of integer ids, e.g. {{"5": 1}}'
         ) from None
 
 
@@ -183,15 +183,10 @@ def _setup(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from ..io.checkpoint import save_cascade
-    from .trainer import ground_truth_candidates, stage1_candidates, train_stage
-
-    _setup(args)
-    config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
-    common = dict(
+def _run_options(args: argparse.Namespace) -> dict:
+    """The training-run options ``train`` and ``finetune`` share (see ``_common``)."""
+    return dict(
         batch_size=args.batch_size,
-        lr=args.lr,
         seed=args.seed,
         augment=not args.no_augment,
         checkpoint_every=args.checkpoint_every,
@@ -200,6 +195,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         progress=args.progress,
     )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..io.checkpoint import save_cascade
+    from .trainer import ground_truth_candidates, stage1_candidates, train_stage
+
+    _setup(args)
+    config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
+    common = dict(lr=args.lr, **_run_options(args))
     stage1 = train_stage(
         1, config, _source(args, config.spacing, args.seed), args.out, args.iterations, **common
     )
@@ -243,14 +247,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         args.iterations,
         lr_scale=args.lr_scale,
         lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        augment=not args.no_augment,
-        checkpoint_every=args.checkpoint_every,
-        log=None if args.quiet else print,
-        resume=args.resume,
-        device=args.device,
-        progress=args.progress,
+        **_run_options(args),
     )
     print(f"wrote {args.out / 'model.safetensors'} and {args.out / 'model.json'}")
     return 0
