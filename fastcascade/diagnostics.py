@@ -3,7 +3,7 @@
 ``SyncCounter`` is a ``TorchDispatchMode``: it sees every ATen call, on the CPU as on a
 GPU, so CI can check the count without a GPU. Counted as syncs: ``.item()``/``float()``
 of a tensor (``_local_scalar_dense``), ``nonzero``, ``masked_select``, boolean-mask
-indexing (which calls ``nonzero`` inside) and ``unique``. Copies between devices are
+indexing (which calls ``nonzero`` inside), ``unique`` and ``torch.equal``. Copies between devices are
 counted separately with their size in bytes.
 
 >>> import torch
@@ -27,6 +27,7 @@ _SYNC_OPS = {
     aten.nonzero.default: "nonzero",
     aten.masked_select.default: "masked_select",
     aten._unique2.default: "unique",
+    aten.equal.default: "equal",
 }
 
 
