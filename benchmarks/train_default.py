@@ -55,13 +55,24 @@ def main(argv=None) -> int:
         print(save_cascade(args.to or args.out / "model", config, *nets))
         return 0
     source = PhantomSource(
-        spacing=config.spacing, seed=SEEDS[args.stage], pool_size=24, refresh_every=50,
+        spacing=config.spacing,
+        seed=SEEDS[args.stage],
+        pool_size=24,
+        refresh_every=50,
         contrast_weights=(0.6, 0.4),
     )
     train_stage(
-        args.stage, config, source, args.out, args.iterations, batch_size=2, lr=args.lr,
-        seed=args.stage, candidate_fn=ground_truth_candidates(config) if args.stage == 2 else None,
-        checkpoint_every=50, resume=True,
+        args.stage,
+        config,
+        source,
+        args.out,
+        args.iterations,
+        batch_size=2,
+        lr=args.lr,
+        seed=args.stage,
+        candidate_fn=ground_truth_candidates(config) if args.stage == 2 else None,
+        checkpoint_every=50,
+        resume=True,
     )
     return 0
 
