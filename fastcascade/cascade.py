@@ -1,8 +1,8 @@
 """The two stages, top to bottom like the paper's Fig. 3: C1 → stage 1 → C2 → stage 2.
 
-Everything here runs on the device of the input volume (the working-grid image); the
-only volume-sized host round trip is the body mask's hole filling and component
-labelling (SciPy) in ``ops/morphology.py``.
+Everything here runs on the device of the input volume (the working-grid image), the
+body mask included (``ops/morphology.py``: SciPy for a CPU tensor, CuPy or PyTorch
+labelling on a GPU), so no volume-sized tensor crosses to the host.
 """
 
 from __future__ import annotations

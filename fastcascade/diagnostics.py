@@ -3,8 +3,8 @@
 ``SyncCounter`` is a ``TorchDispatchMode``: it sees every ATen call, on the CPU as on a
 GPU, so CI can check the count without a GPU. Counted as syncs: ``.item()``/``float()``
 of a tensor (``_local_scalar_dense``), ``nonzero``, ``masked_select``, boolean-mask
-indexing (which calls ``nonzero`` inside), ``unique`` and ``torch.equal``. Copies between devices are
-counted separately with their size in bytes.
+indexing (which calls ``nonzero`` inside), ``unique`` and ``torch.equal``. Copies
+between devices are counted separately with their size in bytes.
 
 >>> import torch
 >>> with SyncCounter() as counter:

@@ -12,6 +12,9 @@ import pytest
 import torch
 from scipy import ndimage
 
+from fastcascade.diagnostics import SyncCounter
+from fastcascade.ops import morphology
+from fastcascade.ops._backend import BackendUnavailableError
 from fastcascade.ops.morphology import (
     body_mask,
     body_mask_ref,
@@ -134,6 +137,10 @@ MASKS = {
 }
 
 
+#: Backends that run on a CPU tensor: SciPy (the CPU default) and the PyTorch labelling.
+CPU_BACKENDS = ["scipy", "torch"]
+
+
 def as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.copy())
 
@@ -141,12 +148,13 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
 # --- hole filling -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", list(MASKS))
-def test_fill_holes_2d_matches_oracle_and_reference(name):
+def test_fill_holes_2d_matches_oracle_and_reference(name, backend):
     m = MASKS[name]
     expected = oracle_fill_holes_2d(m)
     ref = fill_holes_2d_ref(as_tensor(m))
-    fast = fill_holes_2d(as_tensor(m))
+    fast = fill_holes_2d(as_tensor(m), backend=backend)
     assert ref.dtype == fast.dtype == torch.bool
     np.testing.assert_array_equal(ref.numpy(), expected)
     np.testing.assert_array_equal(fast.numpy(), expected)
@@ -187,12 +195,15 @@ def test_fill_holes_uses_in_plane_4_connectivity():
 # --- largest component --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", list(MASKS))
-def test_largest_component_matches_oracle_and_reference(name):
+def test_largest_component_matches_oracle_and_reference(name, backend):
     m = MASKS[name]
     expected = oracle_largest_component(m)
     np.testing.assert_array_equal(largest_component_ref(as_tensor(m)).numpy(), expected)
-    np.testing.assert_array_equal(largest_component(as_tensor(m)).numpy(), expected)
+    out = largest_component(as_tensor(m), backend=backend)
+    assert out.dtype == torch.bool
+    np.testing.assert_array_equal(out.numpy(), expected)
 
 
 def test_largest_component_uses_6_connectivity():
@@ -208,7 +219,8 @@ def test_largest_component_uses_6_connectivity():
     [((0, 0, 0), (3, 3, 3)), ((0, 3, 0), (0, 0, 3)), ((2, 0, 0), (0, 3, 3))],
     ids=["x-order", "y-before-z", "x-before-y"],
 )
-def test_largest_component_tie_goes_to_first_in_c_order(first_voxels):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_largest_component_tie_goes_to_first_in_c_order(first_voxels, backend):
     m = np.zeros((4, 4, 4), dtype=bool)
     for x, y, z in first_voxels:
         # a 2-voxel bar along x starting at (x, y, z)
@@ -216,7 +228,7 @@ def test_largest_component_tie_goes_to_first_in_c_order(first_voxels):
         m[x + 1 if x < 3 else x - 1, y, z] = True
     assert [len(c) for c in oracle_components(m)] == [2, 2]
     winner = tuple(np.argwhere(m)[0])  # the first True voxel in C order
-    out = largest_component(as_tensor(m)).numpy()
+    out = largest_component(as_tensor(m), backend=backend).numpy()
     assert out.sum() == 2
     assert out[winner]
     np.testing.assert_array_equal(out, oracle_largest_component(m))
@@ -249,12 +261,13 @@ IMAGES = {
 }
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", list(IMAGES))
-def test_body_mask_matches_oracle_and_reference(name):
+def test_body_mask_matches_oracle_and_reference(name, backend):
     image = IMAGES[name].astype(np.float32)
     expected = oracle_body_mask(image, -300.0)
     ref = body_mask_ref(torch.from_numpy(image))
-    fast = body_mask(torch.from_numpy(image))
+    fast = body_mask(torch.from_numpy(image), backend=backend)
     assert fast.dtype == torch.bool and fast.shape == image.shape
     np.testing.assert_array_equal(ref.numpy(), expected)
     np.testing.assert_array_equal(fast.numpy(), expected)
@@ -294,6 +307,133 @@ def test_body_mask_on_case_a(case_a_paths):
     assert 0.05 < mask.float().mean().item() < 0.95
 
 
+# --- the device backends: PyTorch labelling and CuPy -------------------------------------
+
+
+def serpentine(nx=9, ny=13, nz=3):
+    """One path that turns at every other row (in-plane) and climbs in z: labels must
+    travel far, through many labelling rounds."""
+    m = np.zeros((nx, ny, nz), dtype=bool)
+    for k in range(nz):
+        for j in range(0, ny, 2):
+            m[:, j, k] = True
+            if j + 1 < ny:
+                m[(nx - 1) if (j // 2) % 2 == 0 else 0, j + 1, k] = True
+        if k + 1 < nz:
+            m[0 if (ny // 2) % 2 else nx - 1, ny - 1, k] = True
+    m[:, :, 1] = m[:, :, 1][::-1]  # the middle slice runs backwards: one long 3D path
+    return m
+
+
+@pytest.mark.parametrize("rounds_per_check", [1, 4])
+def test_torch_labelling_converges_on_long_paths(monkeypatch, rounds_per_check):
+    monkeypatch.setattr(morphology, "ROUNDS_PER_CHECK", rounds_per_check)
+    m = serpentine()
+    other = np.zeros_like(m)
+    other[4, 1::2, 0] = ~m[4, 1::2, 0]  # isolated pockets between the rows
+    for mask in (m, m | other, ~m):
+        t = as_tensor(mask)
+        np.testing.assert_array_equal(
+            largest_component(t, backend="torch").numpy(), oracle_largest_component(mask)
+        )
+        np.testing.assert_array_equal(
+            fill_holes_2d(t, backend="torch").numpy(), oracle_fill_holes_2d(mask)
+        )
+
+
+def test_torch_labels_are_the_smallest_index_of_each_component():
+    m = smoothed_blobs((12, 10, 8), 7)
+    labels = morphology._label_torch(as_tensor(m), (0, 1, 2)).numpy()
+    scipy_labels, count = ndimage.label(m)
+    assert count > 1
+    for c in range(1, count + 1):
+        voxels = scipy_labels == c
+        first = int(np.flatnonzero(voxels.ravel())[0])
+        assert (labels[voxels] == first + 1).all()
+    assert (labels[~m] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["blobs-sparse", "smooth-blobs", "body-touching-borders"])
+def test_device_steps_accept_labels_in_any_numbering(name):
+    """CuPy numbers components its own way: the steps after labelling must not care."""
+    m = MASKS[name]
+    rng = np.random.default_rng(0)
+    for mask, structure, finish, oracle in (
+        (m, None, morphology._largest_from_labels, oracle_largest_component),
+        (~m, morphology._IN_PLANE, morphology._fill_from_labels, oracle_fill_holes_2d),
+    ):
+        labels, count = ndimage.label(mask, structure=structure)
+        shuffled = np.concatenate([[0], rng.permutation(count) + 1])[labels].astype(np.int32)
+        out = finish(as_tensor(m), torch.from_numpy(shuffled))
+        np.testing.assert_array_equal(out.numpy(), oracle(m))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_torch_backend_matches_scipy_on_random_volumes(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(3, 17, size=3))
+    image = random_ct(shape, seed).astype(np.float32)
+    t = torch.from_numpy(image)
+    for threshold in (-300.0, 0.0):
+        np.testing.assert_array_equal(
+            body_mask(t, threshold, backend="torch").numpy(),
+            body_mask(t, threshold, backend="scipy").numpy(),
+        )
+
+
+def test_torch_backend_on_case_a_syncs_per_check_only(case_a_paths):
+    nib = pytest.importorskip("nibabel")
+    ct = nib.as_closest_canonical(nib.load(case_a_paths[0]))
+    image = torch.from_numpy(np.asarray(ct.dataobj, dtype=np.float32))
+    with SyncCounter() as counter:
+        mask = body_mask(image, backend="torch")
+    np.testing.assert_array_equal(mask.numpy(), body_mask_ref(image).numpy())
+    # Two labellings, each ending after a few groups of rounds: one scalar read per group.
+    assert set(counter.by_op) <= {"item"}
+    assert 2 <= counter.syncs <= 4, counter.by_op
+
+
+def test_auto_backend_is_scipy_on_the_cpu_and_cupy_needs_a_gpu():
+    m = torch.ones(3, 3, 3, dtype=torch.bool)
+    assert morphology._choose("auto", m, "op") == "scipy"
+    assert morphology._choose("torch", m, "op") == "torch"
+    with pytest.raises(BackendUnavailableError, match="CUDA tensor"):
+        largest_component(m, backend="cupy")
+
+
+def _cuda_or_skip() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch", "cupy"])
+def test_device_backends_match_scipy_on_the_gpu(backend):
+    device = _cuda_or_skip()
+    if backend == "cupy" and not morphology._backend.cupy_available():
+        pytest.skip("CuPy is not installed (fastcascade[gpu])")
+    for name, m in MASKS.items():
+        t = as_tensor(m).to(device)
+        np.testing.assert_array_equal(
+            fill_holes_2d(t, backend=backend).cpu().numpy(), oracle_fill_holes_2d(m), name
+        )
+        np.testing.assert_array_equal(
+            largest_component(t, backend=backend).cpu().numpy(),
+            oracle_largest_component(m),
+            name,
+        )
+    for seed in range(3):
+        image = torch.from_numpy(random_ct((40, 37, 23), seed).astype(np.float32))
+        expected = body_mask_ref(image).numpy()
+        image = image.to(device)
+        with SyncCounter() as counter:
+            out = body_mask(image, backend=backend)
+        assert out.device.type == "cuda"
+        assert counter.transfers == [], "the body mask must stay on the GPU"
+        np.testing.assert_array_equal(out.cpu().numpy(), expected)
+
+
 # --- validation ---------------------------------------------------------------------------
 
 
@@ -306,7 +446,7 @@ def test_body_mask_on_case_a(case_a_paths):
         (lambda: largest_component(torch.zeros(1, 3, 3, 3, dtype=torch.bool)), ValueError),
         (lambda: body_mask(torch.zeros(3, 3, 3, dtype=torch.bool)), TypeError),
         (lambda: body_mask(torch.zeros(3, 3)), ValueError),
-        (lambda: body_mask(torch.zeros(3, 3, 3), backend="torch"), ValueError),
+        (lambda: body_mask(torch.zeros(3, 3, 3), backend="numpy"), ValueError),
         (lambda: fill_holes_2d(torch.zeros(3, 3, 3, dtype=torch.bool), backend="cuda"), ValueError),
     ],
     ids=[
