@@ -32,6 +32,7 @@ ROOT = HERE.parent
 AREAS: dict[str, tuple[str, str]] = {
     "kernels": ("bench_kernels", "run_kernels"),
     "tune": ("bench_kernels", "run_tune"),
+    "morphology": ("bench_morphology", "run_morphology"),
 }
 
 
