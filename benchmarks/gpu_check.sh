@@ -4,11 +4,13 @@
 #   benchmarks/gpu_check.sh --area {kernels,cascade,training,tune,all} [--quick] [--cpu] OUTDIR
 #
 # Installs fastcascade (editable, no build isolation, no dependency resolution; wheels in
-# ./wheels/ are installed first for what the machine lacks, nibabel at least), records the
-# environment, runs the area's GPU tests, then its benchmarks (benchmarks/run.py), writing
-# JSON (as it goes), markdown tables, JUnit XML and a log into OUTDIR, and prints a short
-# table last. Every step runs even if an earlier one failed; the exit status is non-zero
-# if any failed.
+# ./wheels/ are installed first for what the machine lacks, nibabel at least; case A is read
+# from ./carry/data/ when FASTCASCADE_DATA is unset: benchmarks/gpu_prepare.sh fills both
+# folders on the CPU machine, to be carried along), records the environment, runs the
+# area's GPU tests, then its benchmarks (benchmarks/run.py; for cascade, the body-mask
+# steps and benchmarks/e2e.py), writing JSON (as it goes), markdown tables, JUnit XML and
+# a log into OUTDIR, and prints a short table last. Every step runs even if an earlier one
+# failed; the exit status is non-zero if any failed.
 #
 #   --quick  every op once in under 5 minutes: bf16 only, batch 1-2, one torch.compile,
 #            GPU tests without the slow ones
@@ -21,7 +23,7 @@
 # benchmarks/run.py (AREAS); an area without either is reported as "not yet".
 set -uo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 AREA="" QUICK=0 CPU=0 OUT=""
 while [ $# -gt 0 ]; do
@@ -53,6 +55,8 @@ else PY="$(command -v python3 || command -v python)"; fi
 # A GPU run must not interpret kernels; the dry run must (set before anything imports Triton).
 if [ "$CPU" = 1 ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Case A as carried by benchmarks/gpu_prepare.sh, unless the data is named otherwise.
+if [ -z "${FASTCASCADE_DATA:-}" ] && [ -d carry/data ]; then export FASTCASCADE_DATA="$ROOT/carry/data"; fi
 MODE_ARGS=()
 [ "$QUICK" = 1 ] && MODE_ARGS+=(--quick)
 [ "$CPU" = 1 ] && MODE_ARGS+=(--cpu)
@@ -134,14 +138,17 @@ compile_tests() {  # sm_90 ahead-of-time compile + resource report (no GPU neede
 
 external_bench() {  # areas whose benchmark is a script of its own (not in run.py's AREAS)
   case "$1" in
-    cascade)
+    cascade)  # the body mask's steps (SciPy / CuPy / PyTorch), then the whole cascade
       [ -f benchmarks/e2e.py ] || return 3
+      local rc=0
+      "$PY" benchmarks/run.py --area morphology --out "$OUT" "${MODE_ARGS[@]}" || rc=$?
       if [ "$CPU" = 1 ]; then  # a smoke run: the smallest phantom, our provider only
         "$PY" benchmarks/e2e.py --device cpu --quick --cases phantom_small \
-          --providers fastcascade --out "$OUT"
+          --providers fastcascade --out "$OUT" || rc=$?
       else
-        "$PY" benchmarks/e2e.py --device cuda --paper-net --out "$OUT" "${MODE_ARGS[@]}"
-      fi ;;
+        "$PY" benchmarks/e2e.py --device cuda --paper-net --out "$OUT" "${MODE_ARGS[@]}" || rc=$?
+      fi
+      return "$rc" ;;
     *) return 3 ;;
   esac
 }

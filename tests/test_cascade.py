@@ -14,7 +14,7 @@ from fastcascade.diagnostics import SyncCounter
 from fastcascade.model import UNet3D
 
 
-def tiny_predictor(padding="same", tile=(32, 32, 32), seed=0) -> Predictor:
+def tiny_predictor(padding="same", tile=(32, 32, 32), seed=0, device="cpu") -> Predictor:
     torch.manual_seed(seed)
     arch = Architecture(num_classes=11, base_channels=2, levels=2, padding=padding)
     config = CascadeConfig(
@@ -28,7 +28,7 @@ def tiny_predictor(padding="same", tile=(32, 32, 32), seed=0) -> Predictor:
         # A last layer biased towards foreground so C2 is not empty.
         torch.nn.init.normal_(net.classifier.bias, 0.0, 2.0)
         nets.append(net)
-    return Predictor(config, *nets, device="cpu")
+    return Predictor(config, *nets, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,24 @@ def test_host_syncs_within_bound(phantom):
         predictor.segment(phantom.image, spacing=phantom.spacing)
     assert counter.syncs <= SYNC_BOUND, counter.by_op
     assert counter.by_op["bool_index"] == 2  # one tile selection per stage
+
+
+@pytest.mark.gpu
+def test_gpu_scan_moves_one_volume_each_way(phantom):
+    """On a GPU: one upload of the scan, one download of the labels, the same labels as
+    the CPU (up to convolution rounding), and the body mask adds at most a few reads."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    want = tiny_predictor().segment(phantom.image, spacing=phantom.spacing).labels
+    predictor = tiny_predictor(device="cuda")
+    predictor.segment(phantom.image, spacing=phantom.spacing)  # warm-up
+    with SyncCounter() as counter:
+        got = predictor.segment(phantom.image, spacing=phantom.spacing).labels
+    assert (np.asarray(got) == want).mean() > 0.999
+    voxels = phantom.image.size
+    big = [(src, dst) for src, dst, nbytes in counter.transfers if nbytes >= voxels]
+    assert sorted(big) == [("cpu", "cuda:0"), ("cuda:0", "cpu")], counter.transfers
+    assert counter.syncs <= SYNC_BOUND + 4, counter.by_op
 
 
 def test_all_air_scan_gives_background_with_a_warning():
