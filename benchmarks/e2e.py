@@ -16,7 +16,8 @@ Providers (``--providers``), all in the same run on the same inputs:
 ``fastcascade``       default options: empty tiles skipped, overlapping stage 2, fp32 (on
                       a GPU the fused conv-BN-ReLU kernels)
 ``every_tile``        the original's approach: every tile computed, non-overlapping stage
-                      2 (``skip_empty=False, overlap=False``), same networks
+                      2, the body mask in SciPy on the host (``skip_empty=False,
+                      overlap=False, body_mask_backend="scipy"``), same networks
 ``torch_best``        the best pure-PyTorch fast cascade: tiles skipped, overlap, the
                       networks with PyTorch's own conv/BN/ReLU (no fastcascade kernels),
                       channels-last, ``torch.compile``; bf16 autocast on a GPU, fp32 on
@@ -98,6 +99,7 @@ from fastcascade.io.checkpoint import load_cascade, model_paths  # noqa: E402
 from fastcascade.io.nifti import map_labels  # noqa: E402
 from fastcascade.model import UNet3D  # noqa: E402
 from fastcascade.model.unet3d import ConvBNReLU  # noqa: E402
+from fastcascade.ops import _backend  # noqa: E402
 from fastcascade.ops.resample import resample, working_shape  # noqa: E402
 from fastcascade.phantom import make_phantom  # noqa: E402
 from fastcascade.train.commands import default_config  # noqa: E402
@@ -342,7 +344,7 @@ def make_providers(
     gpu = device.type == "cuda"
     fast = Predictor(model.config, model.stage1, model.stage2, device=device)
     batch = {"batch_size": batch_size}
-    every = {"skip_empty": False, "overlap": False, **batch}
+    every = {"skip_empty": False, "overlap": False, "body_mask_backend": "scipy", **batch}
 
     def torch_best() -> Provider:
         precision = "bf16" if gpu else "fp32"
@@ -357,13 +359,19 @@ def make_providers(
         pred = Predictor(model.config, model.stage1, model.stage2, device, precision="bf16")
         return Provider("fastcascade_bf16", pred, batch, False, "fastcascade in bf16 autocast")
 
-    fused = ", fused kernels" if gpu else ""
+    probe = torch.zeros(1, device=device)
+    labelling = "body mask: " + ("CuPy" if _backend.available("cupy", probe) else "PyTorch")
+    fused = f", fused kernels, {labelling}" if gpu else ""
     build = {
         "fastcascade": lambda: Provider(
             "fastcascade", fast, batch, False, f"tiles skipped, overlapping stage 2, fp32{fused}"
         ),
         "every_tile": lambda: Provider(
-            "every_tile", fast, every, False, "every tile, non-overlapping stage 2 (original)"
+            "every_tile",
+            fast,
+            every,
+            False,
+            "every tile, non-overlapping stage 2, body mask in SciPy (original)",
         ),
         "torch_best": torch_best,
         "fastcascade_bf16": fastcascade_bf16,

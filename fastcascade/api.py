@@ -136,8 +136,11 @@ class Predictor:
         skip_empty: bool = True,
         memory_budget: int | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        body_mask_backend: str = "auto",
     ) -> SegmentationResult:
-        """Segment one scan; see :func:`segment`."""
+        """Segment one scan; see :func:`segment`. ``skip_empty=False`` computes every tile
+        (the original's approach); ``body_mask_backend`` picks how C1 is labelled
+        (:class:`~fastcascade.cascade.CascadeOptions`)."""
         t0 = time.perf_counter()
         options = CascadeOptions(
             overlap=overlap,
@@ -146,6 +149,7 @@ class Predictor:
             batch_size=batch_size,
             probabilities=probabilities,
             memory_budget=memory_budget,
+            body_mask_backend=body_mask_backend,
         )
         scan = load_scan(volume, spacing=spacing, affine=affine)
         if isinstance(volume, torch.Tensor) and scan.data.device != self.device:

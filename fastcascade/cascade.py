@@ -17,6 +17,7 @@ from .config import AIR_HU, CascadeConfig, StageConfig
 from .model import UNet3D
 from .ops.dilate import dilate
 from .ops.intensity import apply_window, window_value
+from .ops.morphology import BACKENDS as MORPHOLOGY_BACKENDS
 from .ops.morphology import body_mask
 from .tiling import StageOutput, make_grid, overlap_step, run_stage
 
@@ -30,7 +31,9 @@ class CascadeOptions:
     ``"constant"`` or ``"gaussian"``. ``skip_empty``: compute only tiles touching the
     candidate region (``False`` is the original's every-tile approach).
     ``memory_budget``: bytes the stitching accumulators may use (``None``: no limit);
-    beyond it a stage stitches in slabs.
+    beyond it a stage stitches in slabs. ``body_mask_backend``: how C1's hole filling and
+    component labelling run (:func:`~fastcascade.ops.morphology.body_mask`: ``"auto"``,
+    ``"scipy"``, ``"cupy"`` or ``"torch"``; all give the same mask).
     """
 
     overlap: bool = True
@@ -40,6 +43,7 @@ class CascadeOptions:
     batch_size: int = 2
     probabilities: bool = False
     memory_budget: int | None = None
+    body_mask_backend: str = "auto"
 
     def __post_init__(self):
         if self.weights not in ("constant", "gaussian"):
@@ -48,6 +52,11 @@ class CascadeOptions:
             raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if any(not 0.0 < s <= 1.0 for s in self.overlap_step):
             raise ValueError(f"overlap_step fractions must be in (0, 1], got {self.overlap_step}")
+        if self.body_mask_backend not in MORPHOLOGY_BACKENDS:
+            raise ValueError(
+                f"body_mask_backend must be one of {MORPHOLOGY_BACKENDS}, "
+                f"got {self.body_mask_backend!r}"
+            )
 
 
 @dataclass
@@ -108,7 +117,7 @@ def candidate_region(
     Stage 2's training regions come from here too, so that it learns on the candidate
     regions it will see at inference. ``lap(name)`` is called after each step (timing).
     """
-    c1 = body_mask(image_hu, config.body_threshold)
+    c1 = body_mask(image_hu, config.body_threshold, backend=options.body_mask_backend)
     lap("c1")
     first = _stage(
         stage1,

@@ -49,6 +49,19 @@ def test_skipping_gives_the_same_labels_as_every_tile(phantom, padding, tile):
     assert 0.05 < fast.c1_fraction < 0.9
 
 
+def test_body_mask_backends_give_the_same_segmentation(phantom):
+    predictor = tiny_predictor()
+    results = [
+        predictor.segment(phantom.image, spacing=phantom.spacing, body_mask_backend=backend)
+        for backend in ("auto", "scipy", "torch")
+    ]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.labels, results[0].labels)
+        assert other.c1_fraction == results[0].c1_fraction
+    with pytest.raises(ValueError, match="body_mask_backend"):
+        predictor.segment(phantom.image, spacing=phantom.spacing, body_mask_backend="gpu")
+
+
 def test_result_geometry_and_contents(phantom):
     result = tiny_predictor().segment(phantom.image, spacing=phantom.spacing, probabilities=True)
     assert result.labels.shape == phantom.image.shape and result.labels.dtype == np.uint8

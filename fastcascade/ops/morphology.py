@@ -46,7 +46,8 @@ from scipy import ndimage
 from . import _backend
 from ._checks import check_mask
 
-_BACKENDS = ("auto", "scipy", "cupy", "torch")
+#: The ``backend`` values every function here takes.
+BACKENDS = ("auto", "scipy", "cupy", "torch")
 
 #: Labelling rounds between two convergence checks (one host sync each) of the PyTorch path.
 ROUNDS_PER_CHECK = 4
@@ -61,8 +62,8 @@ _ALL_AXES = (0, 1, 2)
 
 def _choose(backend: str, tensor: torch.Tensor, op: str) -> str:
     """The backend ``op`` runs ``tensor`` with (see the module docstring)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if not _backend.on_cuda(tensor):
             return "scipy"
