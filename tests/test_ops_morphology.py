@@ -134,6 +134,7 @@ MASKS = {
     "full": np.ones((5, 4, 3), dtype=bool),
     "single-voxel": np.pad(np.ones((1, 1, 1), dtype=bool), ((2, 1), (0, 3), (1, 1))),
     "thin-slab-1x1xN": random_blobs((1, 1, 9), 0.5, 4),
+    "zero-size": np.zeros((0, 3, 4), dtype=bool),
 }
 
 

@@ -213,6 +213,8 @@ def _largest_from_labels(mask: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def _fill_holes_device(mask: torch.Tensor, backend: str) -> torch.Tensor:
     mask = mask.contiguous()
+    if mask.numel() == 0:
+        return mask.clone()
     return _fill_from_labels(mask, _label(~mask, backend, in_plane=True))
 
 
