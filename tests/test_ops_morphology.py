@@ -402,6 +402,50 @@ def test_auto_backend_is_scipy_on_the_cpu_and_cupy_needs_a_gpu():
         largest_component(m, backend="cupy")
 
 
+def test_cupy_glue_with_a_stand_in_for_cupy(monkeypatch):
+    """The code around CuPy (DLPack both ways, the structure, int32 labels, the steps
+    after labelling), run on the CPU with SciPy standing in for ``cupyx.scipy.ndimage``.
+    CuPy itself runs in the GPU test below."""
+    import contextlib
+    import sys
+    import types
+
+    calls = []
+
+    def label(image, structure=None):
+        assert image.dtype == np.uint8  # the bool mask, viewed as bytes
+        calls.append(None if structure is None else structure.copy())
+        labels, count = ndimage.label(image, structure=structure)
+        return labels.astype(np.int32), count
+
+    cuda = types.SimpleNamespace(
+        Device=lambda index: contextlib.nullcontext(),
+        ExternalStream=lambda pointer: contextlib.nullcontext(),
+    )
+    cupy = types.SimpleNamespace(from_dlpack=np.from_dlpack, cuda=cuda)
+    cupyx_ndimage = types.SimpleNamespace(label=label)
+    cupyx_scipy = types.SimpleNamespace(ndimage=cupyx_ndimage)
+    for name, module in {
+        "cupy": cupy,
+        "cupyx": types.SimpleNamespace(scipy=cupyx_scipy),
+        "cupyx.scipy": cupyx_scipy,
+        "cupyx.scipy.ndimage": cupyx_ndimage,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=0)
+    )
+    for name in ("body-touching-borders", "smooth-blobs", "hollow-sphere", "empty"):
+        m = MASKS[name]
+        filled = morphology._fill_holes_device(as_tensor(m), "cupy")
+        np.testing.assert_array_equal(filled.numpy(), oracle_fill_holes_2d(m), name)
+        largest = morphology._largest_component_device(as_tensor(m), "cupy")
+        np.testing.assert_array_equal(largest.numpy(), oracle_largest_component(m), name)
+    # Hole filling labels in-plane, the component step with SciPy's default (6-connected).
+    np.testing.assert_array_equal(calls[0], morphology._IN_PLANE)
+    assert calls[1] is None
+
+
 def _cuda_or_skip() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
