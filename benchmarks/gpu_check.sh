@@ -18,12 +18,14 @@
 #            instead of the GPU tests (Triton interpreter, sm_90 compile), benchmarks tiny
 #   all      = kernels cascade training; tune is a separate step (it rewrites
 #            fastcascade/ops/conv_configs.py; commit that file with OUTDIR's JSON)
+#   E2E_ARGS extra options for benchmarks/e2e.py in the cascade area (environment), e.g.
+#            E2E_ARGS="--cases case_a" for a shorter run
 #
 # To add an area: list its test files in area_tests below and register its benchmark in
 # benchmarks/run.py (AREAS); an area without either is reported as "not yet".
 set -uo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 AREA="" QUICK=0 CPU=0 OUT=""
 while [ $# -gt 0 ]; do
@@ -146,7 +148,9 @@ external_bench() {  # areas whose benchmark is a script of its own (not in run.p
         "$PY" benchmarks/e2e.py --device cpu --quick --cases phantom_small \
           --providers fastcascade --out "$OUT" || rc=$?
       else
-        "$PY" benchmarks/e2e.py --device cuda --paper-net --out "$OUT" "${MODE_ARGS[@]}" || rc=$?
+        # shellcheck disable=SC2086  # E2E_ARGS: extra e2e.py options, word-split on purpose
+        "$PY" benchmarks/e2e.py --device cuda --paper-net --out "$OUT" "${MODE_ARGS[@]}" \
+          ${E2E_ARGS:-} || rc=$?
       fi
       return "$rc" ;;
     *) return 3 ;;
