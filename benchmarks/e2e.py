@@ -99,7 +99,7 @@ from fastcascade.io.checkpoint import load_cascade, model_paths  # noqa: E402
 from fastcascade.io.nifti import map_labels  # noqa: E402
 from fastcascade.model import UNet3D  # noqa: E402
 from fastcascade.model.unet3d import ConvBNReLU  # noqa: E402
-from fastcascade.ops import _backend  # noqa: E402
+from fastcascade.ops.morphology import resolve_backend as resolve_body_mask_backend  # noqa: E402
 from fastcascade.ops.resample import resample, working_shape  # noqa: E402
 from fastcascade.phantom import make_phantom  # noqa: E402
 from fastcascade.train.commands import default_config  # noqa: E402
@@ -359,9 +359,8 @@ def make_providers(
         pred = Predictor(model.config, model.stage1, model.stage2, device, precision="bf16")
         return Provider("fastcascade_bf16", pred, batch, False, "fastcascade in bf16 autocast")
 
-    probe = torch.zeros(1, device=device)
-    labelling = "body mask: " + ("CuPy" if _backend.available("cupy", probe) else "PyTorch")
-    fused = f", fused kernels, {labelling}" if gpu else ""
+    labelling = resolve_body_mask_backend("auto", torch.zeros(1, device=device))
+    fused = f", fused kernels, body mask: {labelling}" if gpu else ""
     build = {
         "fastcascade": lambda: Provider(
             "fastcascade", fast, batch, False, f"tiles skipped, overlapping stage 2, fp32{fused}"

@@ -396,8 +396,8 @@ def test_torch_backend_on_case_a_syncs_per_check_only(case_a_paths):
 
 def test_auto_backend_is_scipy_on_the_cpu_and_cupy_needs_a_gpu():
     m = torch.ones(3, 3, 3, dtype=torch.bool)
-    assert morphology._choose("auto", m, "op") == "scipy"
-    assert morphology._choose("torch", m, "op") == "torch"
+    assert morphology.resolve_backend("auto", m) == "scipy"
+    assert morphology.resolve_backend("torch", m) == "torch"
     with pytest.raises(BackendUnavailableError, match="CUDA tensor"):
         largest_component(m, backend="cupy")
 

@@ -17,16 +17,15 @@ CuPy is installed, else ``torch``: on a GPU nothing leaves the device.
 The PyTorch labelling gives every voxel of a component the component's smallest C-order
 index. Each round takes the minimum over every run of the mask along each connected axis
 (one ``scatter_reduce`` over run ids computed once, so a label crosses a whole run at
-once), then jumps each label
-to the label of the voxel it names (a voxel of the same component, whose label is never
-larger). Labels only decrease and stay inside their component, so the loop ends, and when
-a round changes nothing every run, hence every component, holds one label: its minimum.
-Rounds run in groups of :data:`ROUNDS_PER_CHECK`; after each group one host sync asks
-whether its last round changed anything. Case A (122×101×112) needs 8 rounds for the
-in-plane background and 5 for the 3D body (phantoms: 4 and 3-5; a 1.5 mm phantom of
-244×202×224: 8 and 3): the body mask costs 3-4 syncs on this path (none with
-``scipy``, whose round trip is one transfer each way; CuPy reads its component count
-internally, twice).
+once), then jumps each label to the label of the voxel it names (a voxel of the same
+component, whose label is never larger). Labels only decrease and stay inside their
+component, so the loop ends, and when a round changes nothing every run, hence every
+component, holds one label: its minimum. Rounds run in groups of
+:data:`ROUNDS_PER_CHECK`; after each group one host sync asks whether its last round
+changed anything. Case A (122×101×112) needs 8 rounds for the in-plane background and 5
+for the 3D body (phantoms: 4 and 3-5; a 1.5 mm phantom of 244×202×224: 8 and 3): the
+body mask costs 3-4 syncs on this path (none with ``scipy``, whose round trip is one
+transfer each way; CuPy reads its component count internally, twice).
 
 Exactness: every backend returns exactly what the SciPy reference returns (bit-exact
 masks); the tests also compare them with plain-Python flood fill and labelling.
@@ -61,8 +60,9 @@ _IN_PLANE_AXES = (0, 1)
 _ALL_AXES = (0, 1, 2)
 
 
-def _choose(backend: str, tensor: torch.Tensor, op: str) -> str:
-    """The backend ``op`` runs ``tensor`` with (see the module docstring)."""
+def resolve_backend(backend: str, tensor: torch.Tensor, op: str = "body_mask") -> str:
+    """The backend the functions here run ``tensor`` with for ``backend`` (see the module
+    docstring); a named backend that cannot run raises, naming what to install."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -270,7 +270,7 @@ def fill_holes_2d(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     True
     """
     check_mask(mask, "fill_holes_2d")
-    chosen = _choose(backend, mask, "fill_holes_2d")
+    chosen = resolve_backend(backend, mask, "fill_holes_2d")
     if chosen == "scipy":
         return _scipy_on_host(_fill_holes_2d_np, mask)
     return _fill_holes_device(mask, chosen)
@@ -291,7 +291,7 @@ def largest_component(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor
     [False, False, True, True, False, False]
     """
     check_mask(mask, "largest_component")
-    chosen = _choose(backend, mask, "largest_component")
+    chosen = resolve_backend(backend, mask, "largest_component")
     if chosen == "scipy":
         return _scipy_on_host(_largest_component_np, mask)
     return _largest_component_device(mask, chosen)
@@ -325,7 +325,7 @@ def body_mask(
     64
     """
     _check_image(image_hu, "body_mask")
-    chosen = _choose(backend, image_hu, "body_mask")
+    chosen = resolve_backend(backend, image_hu, "body_mask")
     above = image_hu > float(threshold)
     if chosen == "scipy":
         return _scipy_on_host(lambda m: _largest_component_np(_fill_holes_2d_np(m)), above)
