@@ -33,7 +33,8 @@ class SegmentationResult:
     ``labels``: uint8 ``(x, y, z)`` in the input's own orientation — a NumPy array for
     path, image and array inputs, a tensor on the input's device for tensor inputs.
     ``probabilities``: float32 ``(C, x, y, z)`` likewise, when asked for. ``timings`` in
-    seconds per step; ``tiles[stage] = (computed, total)``.
+    seconds per step; ``tiles[stage] = (computed, total)``. ``source``: the scan's file
+    for path inputs, which :meth:`save` refuses to overwrite.
     """
 
     labels: np.ndarray | torch.Tensor
@@ -45,22 +46,32 @@ class SegmentationResult:
     c1_fraction: float = 0.0
     c2_fraction: float = 0.0
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)
+    source: Path | None = None
 
     def save(self, path, probabilities_path=None, probabilities_dtype: str = "float32") -> None:
         """Write the labels (and probabilities) as NIfTI on the input's grid, atomically,
-        with a JSON of label names beside the label file."""
+        each with a JSON of label names beside it; never onto the input scan."""
         from .io.nifti import write_labels, write_probabilities
 
-        write_labels(path, self.labels, self.affine, self.class_names, header=self.header)
+        if probabilities_path is not None and self.probabilities is None:
+            raise ValueError("no probabilities: call segment(..., probabilities=True)")
+        write_labels(
+            path,
+            self.labels,
+            self.affine,
+            self.class_names,
+            header=self.header,
+            input_path=self.source,
+        )
         if probabilities_path is not None:
-            if self.probabilities is None:
-                raise ValueError("no probabilities: call segment(..., probabilities=True)")
             write_probabilities(
                 probabilities_path,
                 self.probabilities,
                 self.affine,
                 header=self.header,
                 dtype=probabilities_dtype,
+                class_names=self.class_names,
+                input_path=self.source,
             )
 
 
@@ -192,6 +203,7 @@ class Predictor:
             timings=timings,
             c1_fraction=c1_fraction,
             c2_fraction=float(out.c2.float().mean()),
+            source=scan.path,
             tiles={
                 "stage1": (out.stage1.tiles_computed, out.stage1.tiles_total),
                 "stage2": (out.stage2.tiles_computed, out.stage2.tiles_total),

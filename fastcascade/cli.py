@@ -139,13 +139,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    import fastcascade
-    from fastcascade.io.nifti import (
-        label_names_path,
-        same_file,
-        write_labels,
-        write_probabilities,
-    )
+    import fastcascade  # segment() looked up at call time (tests replace it)
+    from fastcascade.io.nifti import label_names_path, same_file
 
     if args.fp16_probabilities and args.probabilities is None:
         args.parser.error("--fp16-probabilities needs --probabilities FILE")
@@ -163,12 +158,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         if not out.parent.is_dir():
             raise FileNotFoundError(f"output folder {out.parent} does not exist")
 
-    segment = getattr(fastcascade, "segment", None)
-    if segment is None:
-        from fastcascade.api import segment
     progress = _TileProgress(disable=args.quiet)
     try:
-        result = segment(
+        result = fastcascade.segment(
             str(source),
             model=args.model,
             device=args.device,
@@ -181,24 +173,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         progress.close()
 
     t0 = time.perf_counter()
-    write_labels(
+    result.save(
         args.output,
-        result.labels,
-        result.affine,
-        result.class_names,
-        header=result.header,
-        input_path=source,
+        args.probabilities,
+        "float16" if args.fp16_probabilities else "float32",
     )
-    if args.probabilities is not None:
-        write_probabilities(
-            args.probabilities,
-            result.probabilities,
-            result.affine,
-            header=result.header,
-            dtype="float16" if args.fp16_probabilities else "float32",
-            class_names=result.class_names,
-            input_path=source,
-        )
     if not args.quiet:
         timings = {**result.timings, "write": time.perf_counter() - t0}
         print(_summary(result, timings, outputs))

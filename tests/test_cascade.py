@@ -170,6 +170,22 @@ def test_bad_input_is_refused(volume, kwargs, error):
         tiny_predictor().segment(volume, **kwargs)
 
 
+def test_result_save_never_overwrites_the_input_scan(phantom, tmp_path):
+    ct, _ = phantom.to_nifti()
+    path = tmp_path / "ct.nii.gz"
+    nib.save(ct, str(path))
+    before = path.read_bytes()
+    result = tiny_predictor().segment(str(path), probabilities=True)
+    assert result.source == path
+    with pytest.raises(ValueError, match="input"):
+        result.save(path)
+    with pytest.raises(ValueError, match="input"):
+        result.save(tmp_path / "seg.nii.gz", probabilities_path=path)
+    assert path.read_bytes() == before
+    result.save(tmp_path / "seg.nii.gz", probabilities_path=tmp_path / "probs.nii.gz")
+    assert (tmp_path / "seg.json").exists() and (tmp_path / "probs.json").exists()
+
+
 def test_case_a_geometry(case_a_paths, tmp_path):
     ct_path, _ = case_a_paths
     result = tiny_predictor().segment(str(ct_path))

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -22,6 +23,7 @@ from nibabel import orientations
 
 import fastcascade
 from fastcascade import cli
+from fastcascade.api import SegmentationResult
 from fastcascade.config import CLASS_NAMES
 from fastcascade.io import nifti
 from fastcascade.io.scan import load_scan
@@ -70,7 +72,7 @@ class FakeSegment:
         if kwargs["probabilities"]:
             probs = np.stack([labels == c for c in range(len(CLASS_NAMES))]).astype(np.float32)
             probs = probs * 0.75 + 0.25 / len(CLASS_NAMES)
-        return SimpleNamespace(
+        return SegmentationResult(
             labels=labels,
             class_names=CLASS_NAMES,
             affine=img.affine,
@@ -80,6 +82,7 @@ class FakeSegment:
             c1_fraction=0.25,
             c2_fraction=0.125,
             tiles={"stage1": (2, 2), "stage2": (3, 8)},
+            source=Path(volume),
         )
 
 
