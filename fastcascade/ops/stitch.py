@@ -110,17 +110,18 @@ def _check_accumulate(acc, weight_sum, tiles, origins, weight) -> tuple[int, int
         devices.add(weight.device)
     if len(devices) != 1:
         raise ValueError(f"acc, weight_sum, tiles and weight must share a device, got {devices}")
+    limits = [have - need for have, need in zip(acc.shape[1:], size, strict=True)]
     if tiles.shape[0] and origins.device.type != "cpu":
         # On a device the bounds check must not stall the stream: an asynchronous assert
-        # fails the next synchronising call instead of a host read per batch.
-        limit = torch.tensor(acc.shape[1:], device=origins.device) - torch.tensor(
-            size, device=origins.device
-        )
-        torch._assert_async(((origins >= 0) & (origins <= limit)).all())
+        # fails the next synchronising call instead of a host read per batch, and the
+        # limits stay Python numbers (a tensor built from them would be a blocking copy).
+        fits = (origins >= 0).all()
+        for axis, limit in enumerate(limits):
+            fits &= (origins[:, axis] <= limit).all()
+        torch._assert_async(fits)
     elif tiles.shape[0]:
         o = origins.detach()
-        limit = torch.tensor(acc.shape[1:]) - torch.tensor(size)
-        bad = ((o < 0) | (o > limit)).any(dim=1)
+        bad = ((o < 0) | (o > torch.tensor(limits))).any(dim=1)
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
             raise ValueError(
