@@ -348,6 +348,27 @@ def test_module_padding_must_agree():
         conv_bn_relu(torch.randn(1, 2, 5, 5, 5), m, "valid", backend="torch")
 
 
+def test_folded_conv_padding_must_agree():
+    w, b = fold_bn(*make_params(Case(1, 2, 3, (5, 5, 5), "same"))[1])
+    with pytest.raises(ValueError, match="differs from the FoldedConv"):
+        conv_bn_relu(torch.randn(1, 2, 5, 5, 5), FoldedConv.from_params(w, b, "same"), "valid")
+
+
+def test_exact_fp32_turns_cudnn_tf32_off_for_the_call_only(monkeypatch):
+    seen = []
+    conv3d = F.conv3d
+    monkeypatch.setattr(
+        F, "conv3d", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or conv3d(*a, **k)
+    )
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    m = module_for(Case(1, 2, 3, (5, 5, 5), "same"))
+    x = torch.randn(1, 2, 5, 5, 5)
+    conv_bn_relu(x, m, backend="torch", input_precision="ieee")
+    conv_bn_relu(x, m, backend="torch", input_precision="tf32")
+    assert seen == [False, True]
+    assert torch.backends.cudnn.allow_tf32 is True
+
+
 def test_torch_backend_with_folded_params_matches_reference():
     case = Case(1, 3, 4, (5, 6, 7), "same")
     x, params = make_params(case)

@@ -22,6 +22,7 @@ time, so a 1-channel input does not pad each tap to 16 channels.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -231,7 +232,7 @@ def _autotuned_config(x, packed, bias, padding: str, input_precision: str) -> di
     """Opt-in run-time autotuning (``FASTCASCADE_AUTOTUNE=1``): the fastest candidate for
     this exact call shape, timed once per process with ``triton.testing.do_bench``."""
     cin, cout = x.shape[1], bias.shape[0]
-    key = (tuple(x.shape), x.dtype, padding, input_precision)
+    key = (tuple(x.shape), cout, x.dtype, x.device, padding, input_precision)
     if key not in _AUTOTUNED:
         from triton.runtime.errors import OutOfResources
         from triton.testing import do_bench
@@ -579,7 +580,8 @@ def conv_bn_relu(
     when omitted. ``backend``: ``"auto"`` (on a CUDA tensor, our Triton kernel or cuDNN per
     layer shape from ``conv_configs.CONFIGS``; elsewhere PyTorch), ``"triton"``,
     ``"cudnn"`` or ``"torch"``. ``input_precision`` for fp32 inputs: ``"tf32"`` (as
-    PyTorch's convolutions on GPUs by default) or ``"ieee"`` (exact fp32 products).
+    PyTorch's convolutions on GPUs by default) or ``"ieee"`` (exact fp32 products on every
+    path: cuDNN's TF32 flag is off for the call).
     Under autocast the fast paths compute in the autocast dtype. The fast paths carry no
     gradients: where one is needed (grad mode on and ``x`` or a parameter requiring it,
     e.g. fine-tuning with frozen BatchNorm) ``"auto"`` takes PyTorch's path and a named
@@ -609,7 +611,11 @@ def conv_bn_relu(
         padding = module_padding
         weight_shape = tuple(module.conv.weight.shape)
     elif isinstance(module_or_params, FoldedConv):
-        padding = padding or module_or_params.padding
+        if padding is not None and padding != module_or_params.padding:
+            raise ValueError(
+                f"padding {padding!r} differs from the FoldedConv's {module_or_params.padding!r}"
+            )
+        padding = module_or_params.padding
         weight_shape = tuple(module_or_params.weight.shape)
     elif isinstance(module_or_params, (tuple, list)) and len(module_or_params) == 2:
         weight_shape = tuple(module_or_params[0].shape)
@@ -631,6 +637,27 @@ def conv_bn_relu(
         )
 
     dtype = _compute_dtype(x)
+    exact = dtype == torch.float32 and input_precision == "ieee"
+    with _cudnn_tf32_off() if exact else contextlib.nullcontext():
+        return _dispatch(
+            x, module_or_params, module, padding, cin, cout, dtype, backend, input_precision
+        )
+
+
+@contextlib.contextmanager
+def _cudnn_tf32_off():
+    """cuDNN (the ``cudnn`` path, and PyTorch's own convolutions on a GPU) reads its fp32
+    precision from a global flag: off for the duration of an exact fp32 call."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
+def _dispatch(x, module_or_params, module, padding, cin, cout, dtype, backend, input_precision):
+    """The checked call of :func:`conv_bn_relu`: choose the provider and run it."""
     if module is not None:
         tensors = list(module.parameters())
     elif isinstance(module_or_params, FoldedConv):
