@@ -479,6 +479,24 @@ def test_nifti_source_state_and_errors(tmp_path):
         NiftiSource([(ct, other)], spacing=(2.0, 2.0, 3.0)).draw()
 
 
+def test_training_pairs_are_read_like_scans_at_inference(tmp_path):
+    """Spacing from the affine (as ``segment()`` reads it) even where the header's voxel
+    sizes say otherwise, and a label map given as the CT is refused."""
+    from fastcascade.io.scan import load_scan
+    from fastcascade.train.dataset import load_nifti_pair
+
+    ct, seg, *_ = _write_nifti(tmp_path, flip_x=False)
+    img = nib.load(ct)
+    img.header.set_zooms((1.0, 1.0, 1.0))  # pixdim disagrees with the sform
+    odd = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header), odd)
+    image, labels, spacing = load_nifti_pair(odd, seg)
+    assert spacing == load_scan(odd).spacing == (2.0, 2.0, 3.0)
+    assert image.shape == labels.shape
+    with pytest.raises(ValueError, match="label map"):
+        load_nifti_pair(seg, seg)
+
+
 def test_nifti_source_case_a(case_a_paths):
     from fastcascade.config import CASE_A_TO_CLASSES
 

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..io.nifti import map_labels
+from ..io.nifti import load_nifti, map_labels, read_labels
+from ..io.scan import load_scan
 from ..ops.resample import resample, working_shape
 
 
@@ -182,35 +183,29 @@ class PhantomSource:
 def load_nifti_pair(
     ct_path: str | Path, labels_path: str | Path, label_map: Mapping[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
-    """A CT and its label map brought to canonical RAS with nibabel.
+    """A CT and its label map brought to canonical RAS, read and checked as ``segment()``
+    reads scans (``io.scan.load_scan``) and ``evaluate`` reads labels (``io.nifti``).
 
     Returns float32 HU ``(x, y, z)`` (the file's scaling applied), uint8 labels on the
     same grid (``label_map`` maps file ids onto class ids, every other id becoming 0;
-    without it the ids are kept and must fit in uint8) and the spacing in mm.
+    without it the ids are kept and must fit in uint8) and the spacing in mm, taken from
+    the affine as at inference.
     """
-    import nibabel as nib
-
-    ct = nib.as_closest_canonical(nib.load(str(ct_path)))
-    seg = nib.as_closest_canonical(nib.load(str(labels_path)))
-    if ct.shape[:3] != seg.shape[:3] or not np.allclose(ct.affine, seg.affine, atol=1e-3):
+    scan = load_scan(ct_path)
+    ids = read_labels(labels_path)
+    seg_affine = load_nifti(labels_path).affine
+    if ids.shape != scan.input_shape or not np.allclose(seg_affine, scan.input_affine, atol=1e-3):
         raise ValueError(
-            f"{labels_path} does not lie on the grid of {ct_path}: shapes {ct.shape} and "
-            f"{seg.shape}, affines differ by {np.abs(ct.affine - seg.affine).max():.3g}"
+            f"{labels_path} does not lie on the grid of {ct_path}: shapes "
+            f"{scan.input_shape} and {ids.shape}, affines differ by "
+            f"{np.abs(scan.input_affine - seg_affine).max():.3g}"
         )
-    if int(np.prod(ct.shape[3:], dtype=np.int64)) != 1:
-        raise ValueError(f"{ct_path} must hold one 3D volume, got shape {ct.shape}")
-    data = ct.get_fdata(dtype=np.float32).reshape(ct.shape[:3])
-    image = torch.from_numpy(np.ascontiguousarray(data))
-    ids = np.rint(np.asarray(seg.dataobj)).astype(np.int64)
-    if ids.ndim > 3:
-        ids = ids.reshape(ids.shape[:3])
     if label_map is not None:
         ids = map_labels(ids, label_map)
-    elif ids.min() < 0 or ids.max() > 255:
+    elif ids.max(initial=0) > 255:
         raise ValueError(f"{labels_path} holds ids outside 0..255; pass a label_map")
-    labels = torch.from_numpy(np.ascontiguousarray(ids.astype(np.uint8)))
-    spacing = tuple(float(z) for z in ct.header.get_zooms()[:3])
-    return image.contiguous(), labels, spacing
+    labels = scan.from_input_grid(torch.from_numpy(ids.astype(np.uint8)))
+    return scan.data.contiguous(), labels.contiguous(), scan.spacing
 
 
 class NiftiSource:
