@@ -15,7 +15,6 @@ files, one case a line, ``prediction,reference[,stage1]`` (see ``read_cases``):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import warnings
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .io.pathlist import read_path_rows
 
 __all__ = [
     "candidate_recall_fpr",
@@ -269,31 +270,12 @@ def read_cases(csv_path: str | Path) -> list[tuple[Path, Path, Path | None]]:
     >>> read_cases("cases.csv")  # doctest: +SKIP
     [(PosixPath('pred/a.nii.gz'), PosixPath('ref/a.nii.gz'), None)]
     """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"case list {csv_path} does not exist")
     cases = []
-    header_allowed = True
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-            row = [c.strip() for c in row]
-            if not any(row) or row[0].startswith("#"):
-                continue
-            is_header = [c.lower() for c in row] == list(CSV_COLUMNS[: len(row)])
-            if header_allowed and len(row) in (2, 3) and is_header:
-                header_allowed = False
-                continue
-            header_allowed = False
-            if len(row) not in (2, 3) or not all(row):
-                raise ValueError(
-                    f"{csv_path}:{line}: expected 'prediction,reference[,stage1]', "
-                    f"got {','.join(row)!r}"
-                )
-            paths = [p if p.is_absolute() else csv_path.parent / p for p in map(Path, row)]
-            for p in paths:
-                if not p.is_file():
-                    raise FileNotFoundError(f"{csv_path}:{line}: {p} does not exist")
-            cases.append((paths[0], paths[1], paths[2] if len(paths) == 3 else None))
+    for line, paths in read_path_rows(csv_path, CSV_COLUMNS, optional=1):
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"{csv_path}:{line}: {p} does not exist")
+        cases.append((paths[0], paths[1], paths[2] if len(paths) == 3 else None))
     if not cases:
         raise ValueError(f"{csv_path} lists no cases; expected 'prediction,reference[,stage1]'")
     if len({stage1 is None for *_, stage1 in cases}) > 1:

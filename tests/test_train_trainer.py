@@ -553,6 +553,11 @@ def test_read_pairs_and_label_maps(tmp_path):
     (tmp_path / "b.csv").write_text("ct.nii\n")
     with pytest.raises(ValueError, match="ct,labels"):
         read_pairs(tmp_path / "b.csv")
+    (tmp_path / "c.csv").write_text("\ufeff# cases\nct,labels\na.nii.gz,b.nii.gz\n")
+    assert read_pairs(tmp_path / "c.csv") == [(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")]
+    (tmp_path / "d.csv").write_text("a.nii.gz,\n")
+    with pytest.raises(ValueError, match="ct,labels"):
+        read_pairs(tmp_path / "d.csv")
     assert read_label_map("case_a") == CASE_A_TO_CLASSES
     assert read_label_map(None) is None and read_label_map("none") is None
     with pytest.raises(ValueError, match="label-map"):

@@ -9,17 +9,17 @@ each command is ``_cmd_<name>(args) -> int``, the exit status.
           --csv pairs.csv --label-map map.json --out runs/ft --iterations 500
 
 A CSV lists one training case per line, ``ct,labels`` (paths relative to the CSV's
-folder or absolute); a first line ``ct,labels`` is read as a header.
+folder or absolute; ``io.pathlist``); a first line ``ct,labels`` is read as a header.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 from ..config import CASE_A_TO_CLASSES, CLASS_NAMES, Architecture, CascadeConfig, StageConfig
+from ..io.pathlist import read_path_rows
 
 LABEL_MAPS = {"case_a": CASE_A_TO_CLASSES}
 
@@ -52,20 +52,7 @@ def default_config(
 
 def read_pairs(csv_path: str | Path) -> list[tuple[Path, Path]]:
     """``(ct, labels)`` paths from a two-column CSV (see the module docstring)."""
-    csv_path = Path(csv_path)
-    pairs = []
-    with open(csv_path, newline="") as f:
-        for i, row in enumerate(csv.reader(f)):
-            row = [c.strip() for c in row]
-            if not row or not any(row) or row[0].startswith("#"):
-                continue
-            if i == 0 and [c.lower() for c in row[:2]] == ["ct", "labels"]:
-                continue
-            if len(row) != 2:
-                raise ValueError(f"{csv_path}:{i + 1}: expected 'ct,labels', got {row}")
-            pairs.append(
-                tuple(p if p.is_absolute() else csv_path.parent / p for p in map(Path, row))
-            )
+    pairs = [tuple(paths) for _, paths in read_path_rows(csv_path, ("ct", "labels"))]
     if not pairs:
         raise ValueError(f"{csv_path} lists no (ct, labels) pairs")
     return pairs
