@@ -43,7 +43,11 @@ def class_weights(target: torch.Tensor, region: torch.Tensor, num_classes: int) 
     tensor([0.2500, 0.7500])
     """
     _check(target, region, num_classes)
-    labels = target[region]
+    return _weights_of(target[region], num_classes, target.device)
+
+
+def _weights_of(labels: torch.Tensor, num_classes: int, device) -> torch.Tensor:
+    """:func:`class_weights` from the ids inside the region (``target[region]``)."""
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"target holds class ids outside [0, {num_classes}) inside the region: "
@@ -51,7 +55,7 @@ def class_weights(target: torch.Tensor, region: torch.Tensor, num_classes: int) 
         )
     n_c = labels.numel()
     if n_c == 0:
-        return torch.zeros(num_classes, dtype=torch.float32, device=target.device)
+        return torch.zeros(num_classes, dtype=torch.float32, device=device)
     counts = torch.bincount(labels, minlength=num_classes).to(torch.float32)
     return (1.0 - counts / n_c) / (num_classes - 1)
 
@@ -84,8 +88,9 @@ def weighted_cross_entropy(
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree: "
             "expected logits (N, K, x, y, z) and target (N, x, y, z)"
         )
-    weights = class_weights(target, region, num_classes)
-    n_c = int(region.sum())
+    inside = target[region]  # one host sync: the region's size
+    weights = _weights_of(inside, num_classes, target.device)
+    n_c = inside.numel()
     if n_c == 0:
         return logits.float().sum() * 0.0
     log_p = F.log_softmax(logits.float(), dim=1)
@@ -93,8 +98,7 @@ def weighted_cross_entropy(
     # stays in range; those voxels get weight zero below.
     safe_target = torch.where(region, target, torch.zeros_like(target))
     picked = log_p.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-    voxel_weight = torch.where(region, weights[safe_target], torch.zeros((), device=logits.device))
     # torch.where (not a multiplication) keeps a -inf log-probability outside C from
     # turning into NaN.
-    contrib = torch.where(region, voxel_weight * picked, torch.zeros((), device=logits.device))
+    contrib = torch.where(region, weights[safe_target] * picked, 0.0)
     return -contrib.sum() / n_c
