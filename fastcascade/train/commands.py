@@ -191,9 +191,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _setup(args)
     config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
     common = dict(lr=args.lr, **_run_options(args))
-    stage1 = train_stage(
-        1, config, _source(args, config.spacing, args.seed), args.out, args.iterations, **common
-    )
+    # One source for both stages: NIfTI pairs are read once, phantoms drawn on from where
+    # stage 1 stopped (each stage's checkpoint holds the source's state).
+    source = _source(args, config.spacing, args.seed)
+    stage1 = train_stage(1, config, source, args.out, args.iterations, **common)
     if args.stage2_regions == "stage1":
         candidates = stage1_candidates(stage1, config)
     else:
@@ -201,7 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     stage2 = train_stage(
         2,
         config,
-        _source(args, config.spacing, args.seed + 1),
+        source,
         args.out,
         args.iterations if args.iterations2 is None else args.iterations2,
         candidate_fn=candidates,
