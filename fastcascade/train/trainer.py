@@ -283,9 +283,13 @@ def train_stage(
     if augmenter is not None:
 
         def transform(image, labels):
-            return augmenter(image, labels, aug_generator)
+            # The warp runs where the model does (on a GPU: the Triton kernel).
+            return augmenter(image.to(device), labels.to(device), aug_generator)
 
     regions: OrderedDict[str, torch.Tensor | None] = OrderedDict()
+    # A region per volume the source can hold at once (all of a NIfTI source's cases),
+    # so that none is computed twice; phantom pools are small and refreshed.
+    max_regions = max(32, len(source)) if hasattr(source, "__len__") else 32
 
     def region_of(volume) -> torch.Tensor | None:
         """The volume's region (cached by key), ``None`` where it is empty."""
@@ -300,7 +304,7 @@ def train_stage(
                     f"expected the volume's {tuple(volume.image_hu.shape)}"
                 )
             regions[volume.key] = r.cpu() if bool(r.any()) else None
-            while len(regions) > 32:
+            while len(regions) > max_regions:
                 regions.popitem(last=False)
         return regions[volume.key]
 
