@@ -72,16 +72,6 @@ def augment_context(augmenter, tile) -> int:
 
 
 # -- candidate regions -------------------------------------------------------------------
-def body_region(image_hu: torch.Tensor, threshold: float) -> torch.Tensor:
-    """C1: the body mask of ``image_hu`` (HU) at ``threshold``."""
-    return body_mask(image_hu, threshold=threshold)
-
-
-def dilate_region(mask: torch.Tensor, radius: int, spacing) -> torch.Tensor:
-    """``mask`` dilated by the candidate ball of ``radius`` voxels (see CONVENTIONS)."""
-    return dilate(mask, radius, tuple(spacing))
-
-
 def ground_truth_candidates(config: CascadeConfig) -> CandidateFn:
     """C2 approximated from the labels: the foreground dilated by ``config.radius``.
 
@@ -91,7 +81,7 @@ def ground_truth_candidates(config: CascadeConfig) -> CandidateFn:
     """
 
     def fn(image_hu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return dilate_region(labels > 0, config.radius, config.spacing)
+        return dilate(labels > 0, config.radius, tuple(config.spacing))
 
     return fn
 
@@ -295,7 +285,7 @@ def train_stage(
         """The volume's region (cached by key), ``None`` where it is empty."""
         if volume.key not in regions:
             if candidate_fn is None:
-                r = body_region(volume.image_hu, config.body_threshold)
+                r = body_mask(volume.image_hu, config.body_threshold)
             else:
                 r = torch.as_tensor(candidate_fn(volume.image_hu, volume.labels)).bool()
             if tuple(r.shape) != tuple(volume.image_hu.shape):
