@@ -87,16 +87,15 @@ from torch import nn  # noqa: E402
 
 from fastcascade.api import DEFAULT_MODEL, Predictor, resolve_device  # noqa: E402
 from fastcascade.config import (  # noqa: E402
-    CASE_A_TO_CLASSES,
     CLASS_NAMES,
     Architecture,
     CascadeConfig,
     paper_config,
 )
+from fastcascade.demo import case_a_reference  # noqa: E402
 from fastcascade.diagnostics import SyncCounter  # noqa: E402
-from fastcascade.evaluate import confusion_matrix  # noqa: E402
+from fastcascade.evaluate import confusion_matrix, dice_from_confusion  # noqa: E402
 from fastcascade.io.checkpoint import load_cascade, model_paths  # noqa: E402
-from fastcascade.io.nifti import map_labels  # noqa: E402
 from fastcascade.model import UNet3D  # noqa: E402
 from fastcascade.model.unet3d import ConvBNReLU  # noqa: E402
 from fastcascade.ops.morphology import resolve_backend as resolve_body_mask_backend  # noqa: E402
@@ -167,9 +166,7 @@ def _case_a(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not (ct_path.exists() and seg_path.exists()):
         raise FileNotFoundError(f"case A not found under {root} (set FASTCASCADE_DATA)")
     img = nib.load(str(ct_path))
-    volume = np.asarray(img.dataobj, dtype=np.float32)
-    raw = np.asarray(nib.load(str(seg_path)).dataobj)
-    return volume, img.affine, map_labels(raw, CASE_A_TO_CLASSES).astype(np.uint8)
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine, case_a_reference(seg_path)
 
 
 def iter_cases(names: list[str], root: Path, quick: bool, notes: list[str]) -> Iterator[Case]:
@@ -424,14 +421,12 @@ def dice_slabs(pred: np.ndarray, ref: np.ndarray, num_classes: int, slab: int = 
     >>> dice_slabs(np.array([[[0, 1, 1, 2]]]), np.array([[[0, 1, 2, 2]]]), 4).round(3).tolist()
     [1.0, 0.667, 0.667, nan]
     """
-    cm = sum(
-        confusion_matrix(pred[i : i + slab], ref[i : i + slab], num_classes)
-        for i in range(0, pred.shape[0], slab)
+    return dice_from_confusion(
+        sum(
+            confusion_matrix(pred[i : i + slab], ref[i : i + slab], num_classes)
+            for i in range(0, pred.shape[0], slab)
+        )
     )
-    inter = np.diag(cm).astype(np.float64)
-    total = cm.sum(axis=1) + cm.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, 2.0 * inter / total, np.nan)
 
 
 def _dice_summary(pred: np.ndarray, ref: np.ndarray, class_names) -> dict:
@@ -495,14 +490,15 @@ def measure(
 
 def compare(records: list[dict], labels: dict[str, np.ndarray], case: Case, class_names) -> None:
     """Fill in speedups of ``fastcascade``, agreement with ``every_tile`` and Dice against
-    the case's reference labels, in place."""
+    the case's reference labels, in place; called after each provider, it computes each
+    record's Dice scores once."""
     by = {r["provider"]: r for r in records}
     base = labels.get("every_tile")
     for r in records:
         name = r["provider"]
-        if base is not None and name != "every_tile":
+        if base is not None and name != "every_tile" and "dice_vs_every_tile" not in r:
             r["dice_vs_every_tile"] = _dice_summary(labels[name], base, class_names)
-        if case.reference is not None:
+        if case.reference is not None and "dice_vs_reference" not in r:
             r["dice_vs_reference"] = _dice_summary(labels[name], case.reference, class_names)
     fast = by.get("fastcascade")
     if fast is None:

@@ -31,6 +31,7 @@ __all__ = [
     "compare_stages",
     "confusion_matrix",
     "dice",
+    "dice_from_confusion",
     "evaluate_cases",
     "markdown_table",
     "read_cases",
@@ -99,7 +100,12 @@ def dice(pred, ref, num_classes: int) -> np.ndarray:
     >>> dice(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 4).round(3).tolist()
     [1.0, 0.667, 0.667, nan]
     """
-    cm = confusion_matrix(pred, ref, num_classes)
+    return dice_from_confusion(confusion_matrix(pred, ref, num_classes))
+
+
+def dice_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Dice per class from a confusion matrix ``cm[pred, ref]`` (see :func:`dice`), e.g.
+    one summed over slabs of a volume too large for one pass."""
     inter = np.diag(cm).astype(np.float64)
     total = cm.sum(axis=1) + cm.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
