@@ -18,15 +18,14 @@ import datetime
 import importlib
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402  (benchmarks/common.py, beside this file)
 
 #: area → (module in benchmarks/, function(args, recorder)). Add areas here.
 AREAS: dict[str, tuple[str, str]] = {
@@ -37,54 +36,27 @@ AREAS: dict[str, tuple[str, str]] = {
 
 
 # -- shared helpers for every area ---------------------------------------------------------
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git checkout)"
-    return out + ("+dirty" if dirty else "")
-
-
 def environment() -> dict:
-    """Device, versions and commit, recorded with every result file."""
-    import numpy
+    """Device, versions and commit, recorded with every result file (``common`` gathers
+    them; this is the flat form ``gpu_check.sh`` and the area summaries read)."""
     import torch
 
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device": "cpu: " + (platform.processor() or platform.machine()),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["capability"] = list(torch.cuda.get_device_capability())
     from fastcascade.ops import _backend
 
-    env["backends"] = _backend.summary()
-    return env
+    git = common.git_commit(ROOT)
+    commit = git["commit"] or "unknown (no git checkout)"
+    cuda = torch.cuda.is_available()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit + ("+dirty" if git["dirty"] else ""),
+        **common.versions(),
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu: " + common.cpu_name(),
+        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+        "cpu_threads": torch.get_num_threads(),
+        "backends": _backend.summary(),
+    }
 
 
 def measure(fn, *, cuda: bool, warmup: int = 3, reps: int = 10) -> dict:
@@ -115,11 +87,11 @@ def measure(fn, *, cuda: bool, warmup: int = 3, reps: int = 10) -> dict:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         peak = None
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    q = common.stats(times)
     return {
-        "median_ms": statistics.median(times),
-        "p20_ms": q[0],
-        "p80_ms": q[3],
+        "median_ms": q["median"],
+        "p20_ms": q["p20"],
+        "p80_ms": q["p80"],
         "reps": reps,
         "peak_mem_mib": peak,
     }
@@ -144,9 +116,7 @@ class Recorder:
         return record
 
     def flush(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        common.write_atomic(self.path, json.dumps(self.data, indent=1, default=str))
 
     def write_markdown(self, text: str) -> Path:
         path = self.path.with_suffix(".md")
