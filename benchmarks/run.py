@@ -30,7 +30,7 @@ import common  # noqa: E402  (benchmarks/common.py, beside this file)
 #: area → (module in benchmarks/, function(args, recorder)). Add areas here.
 AREAS: dict[str, tuple[str, str]] = {
     "kernels": ("bench_kernels", "run_kernels"),
-    "tune": ("bench_kernels", "run_tune"),
+    "tune": ("bench_tune", "run_tune"),
     "morphology": ("bench_morphology", "run_morphology"),
 }
 
