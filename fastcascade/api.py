@@ -78,17 +78,19 @@ class SegmentationResult:
 def resolve_device(device: str | torch.device, volume=None) -> torch.device:
     """``"auto"``: the input's device for a tensor, else a GPU when present, else the CPU."""
     if isinstance(device, torch.device):
-        return device
+        return resolve_device(str(device))
     if not isinstance(device, str):
         raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
     if device != "auto":
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but no CUDA device is available")
+        if dev.type == "cuda" and dev.index is None:  # "cuda" is the current GPU, by index
+            dev = torch.device("cuda", torch.cuda.current_device())
         return dev
     if isinstance(volume, torch.Tensor):
         return volume.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Predictor:
@@ -127,8 +129,12 @@ class Predictor:
         return self._compiled
 
     def to(self, device) -> Predictor:
-        """Move both networks to ``device``; channels-last 3D (faster on CPU and GPU)."""
-        self.device = resolve_device(device)
+        """Move both networks to ``device``; channels-last 3D (faster on CPU and GPU). A
+        move to the device they are on is a no-op (compiled networks are kept)."""
+        device = resolve_device(device)
+        if device == getattr(self, "device", None):
+            return self
+        self.device = device
         for net in (self.stage1, self.stage2):
             net.to(self.device, memory_format=torch.channels_last_3d)
         self._compiled = None

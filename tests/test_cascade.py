@@ -95,6 +95,15 @@ def test_flipped_and_permuted_copies_give_the_same_labels(phantom, tmp_path):
     np.testing.assert_array_equal(got.transpose(1, 2, 0), want)
 
 
+def test_moving_a_predictor_to_its_own_device_keeps_its_compiled_networks():
+    predictor = tiny_predictor()
+    predictor.compile = True
+    compiled = predictor._networks()
+    predictor.to("cpu")
+    predictor.to(torch.device("cpu"))
+    assert predictor._networks() is compiled
+
+
 def test_tensor_in_tensor_out(phantom):
     predictor = tiny_predictor()
     want = predictor.segment(phantom.image, spacing=phantom.spacing).labels
