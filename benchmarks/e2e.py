@@ -107,7 +107,7 @@ CASES = ("phantom", "case_a", "case_a_08mm", "phantom_small")
 DEFAULT_CASES = ("phantom", "case_a", "case_a_08mm")
 PHANTOM_SEEDS = (9001, 9002)  # never used to train the default model
 PROVIDERS = ("fastcascade", "every_tile", "torch_best", "fastcascade_bf16")
-STEPS = ("load", "c1", "stage1", "c2", "stage2", "to_input_grid", "total")
+STEPS = ("load", "to_working_grid", "c1", "stage1", "c2", "stage2", "to_input_grid", "total")
 SHIPPED_BASE_CHANNELS = 6  # the width of the default model, for the random stand-in
 FINE_MM = 0.8
 QUICK_COMPILE_BUDGET_S = 120.0
@@ -561,6 +561,7 @@ def table(report: dict) -> str:
         "case",
         "provider",
         "load",
+        "to grid",
         "C1",
         "stage 1",
         "C2",

@@ -175,6 +175,9 @@ class Predictor:
         t_load = time.perf_counter()
         shape = working_shape(tuple(data.shape), scan.spacing, self.config.spacing)
         image = resample(data, shape, mode="linear")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a lap, as each of the cascade's steps
+        t_grid = time.perf_counter()
         dtype = self.PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             out = run_cascade(image, *self._networks(), self.config, options, progress)
@@ -197,7 +200,7 @@ class Predictor:
                 f"{self.config.body_threshold} HU): the result is all background",
                 stacklevel=2,
             )
-        timings = {"load": t_load - t0, **out.timings}
+        timings = {"load": t_load - t0, "to_working_grid": t_grid - t_load, **out.timings}
         timings["to_input_grid"] = time.perf_counter() - t_back
         timings["total"] = time.perf_counter() - t0
         return SegmentationResult(
