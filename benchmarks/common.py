@@ -195,7 +195,7 @@ def result_path(out_dir: Path, name: str, device: torch.device, suffix: str = ""
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    from fastcascade.io.checkpoint import atomic_write
+    from fastcascade.io.atomic import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

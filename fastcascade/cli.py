@@ -140,7 +140,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     import fastcascade  # segment() looked up at call time (tests replace it)
-    from fastcascade.io.nifti import label_names_path, same_file
+    from fastcascade.io.atomic import same_file
+    from fastcascade.io.nifti import label_names_path
 
     if args.fp16_probabilities and args.probabilities is None:
         args.parser.error("--fp16-probabilities needs --probabilities FILE")
@@ -327,7 +328,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fastcascade.config import CLASS_NAMES
-    from fastcascade.io.nifti import label_names_path, same_file, save_nifti, write_labels
+    from fastcascade.io.atomic import same_file
+    from fastcascade.io.nifti import label_names_path, save_nifti, write_labels
 
     label_names_path(args.output)  # checks both suffixes before the work
     label_names_path(args.labels)

@@ -496,7 +496,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .io.checkpoint import atomic_write
+    from .io.atomic import atomic_write
     from .train.commands import read_label_map
 
     if args.out is not None and args.out.is_dir():

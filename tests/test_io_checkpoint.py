@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastcascade.config import Architecture, CascadeConfig, StageConfig
+from fastcascade.io.atomic import atomic_write
 from fastcascade.io.checkpoint import (
     FORMAT,
-    atomic_write,
     load_cascade,
     load_state_any,
     load_training_checkpoint,

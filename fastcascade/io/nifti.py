@@ -18,13 +18,11 @@ canonical RAS view is ``io/scan.py``'s business.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +32,8 @@ import torch
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
+
+from .atomic import atomic_outputs
 
 if TYPE_CHECKING:
     from .scan import Scan
@@ -285,7 +285,7 @@ def write_labels(
     img.header["cal_min"], img.header["cal_max"] = 0, len(class_names) - 1
     names = json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=1) + "\n"
     json_path = label_names_path(path)
-    with _atomic_outputs([Path(path), json_path], protect) as (tmp, tmp_json):
+    with atomic_outputs([Path(path), json_path], protect) as (tmp, tmp_json):
         nib.save(img, tmp)
         tmp_json.write_text(names)
 
@@ -339,7 +339,7 @@ def write_probabilities(
     if class_names is not None:
         outputs.append(label_names_path(path))
         names = json.dumps({str(i): str(n) for i, n in enumerate(class_names)}, indent=1)
-    with _atomic_outputs(outputs, protect) as tmps:
+    with atomic_outputs(outputs, protect) as tmps:
         nib.save(img, tmps[0])
         if class_names is not None:
             tmps[1].write_text(names + "\n")
@@ -353,16 +353,8 @@ def save_nifti(img: nib.Nifti1Image, path: PathLike, *, input_path: PathLike | N
     """
     label_names_path(path)  # checks the suffix
     protect = [Path(input_path)] if input_path is not None else []
-    with _atomic_outputs([Path(path)], protect) as (tmp,):
+    with atomic_outputs([Path(path)], protect) as (tmp,):
         nib.save(img, tmp)
-
-
-def same_file(a: PathLike, b: PathLike) -> bool:
-    """Whether two paths name the same file (symlinks and hard links resolved)."""
-    a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _geometry(
@@ -430,42 +422,3 @@ def _image(
     hdr.set_slope_inter(slope, 0.0)
     hdr["descrip"] = b"fastcascade"
     return img
-
-
-@contextlib.contextmanager
-def _atomic_outputs(paths: Iterable[Path], protect: Iterable[Path]) -> Iterator[list[Path]]:
-    """Yield temporary paths beside ``paths``; on success move them into place.
-
-    Temporaries are created with mode 0o666 minus the umask (like a plain ``open``),
-    keep the destination's suffix (nibabel picks gzip from it), are fsynced, and are
-    removed on any error, so no partial file is ever left under a destination name.
-    """
-    paths = [Path(p) for p in paths]
-    for p in paths:
-        for q in protect:
-            if same_file(p, q):
-                raise ValueError(f"refusing to write {p}: it is the input file {q}")
-        if p.is_dir():
-            raise ValueError(f"{p} is a folder; expected a file name")
-        if not p.parent.is_dir():
-            raise FileNotFoundError(f"output folder {p.parent} does not exist")
-    tmps: list[Path] = []
-    try:
-        for p in paths:
-            suffix = ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix
-            tmp = p.with_name(f".{p.name}.{secrets.token_hex(6)}.tmp{suffix}")
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            tmps.append(tmp)
-        yield tmps
-        for tmp in tmps:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for tmp, p in zip(tmps, paths, strict=True):
-            os.replace(tmp, p)
-    finally:
-        for tmp in tmps:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()

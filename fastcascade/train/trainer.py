@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..config import CascadeConfig
+from ..io.atomic import atomic_write
 from ..io.checkpoint import (
-    atomic_write,
     check_state_dict,
     load_training_checkpoint,
     save_training_checkpoint,
