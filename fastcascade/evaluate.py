@@ -497,7 +497,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .io.atomic import atomic_write
-    from .train.commands import read_label_map
+    from .io.nifti import read_label_map
 
     if args.out is not None and args.out.is_dir():
         raise IsADirectoryError(f"--out {args.out} is a folder; expected a JSON file name")

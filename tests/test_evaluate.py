@@ -537,7 +537,7 @@ def test_evaluate_unknown_label_map_and_out_folder(case_files, capsys):
 
 
 def test_label_map_that_is_not_an_object_is_a_value_error(tmp_path):
-    from fastcascade.train.commands import read_label_map
+    from fastcascade.io.nifti import read_label_map
 
     path = tmp_path / "map.json"
     path.write_text("[5, 1]")

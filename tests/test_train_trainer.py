@@ -543,7 +543,8 @@ def test_train_command_on_nifti_pairs(tmp_path):
 
 def test_read_pairs_and_label_maps(tmp_path):
     from fastcascade.config import CASE_A_TO_CLASSES
-    from fastcascade.train.commands import read_label_map, read_pairs
+    from fastcascade.io.nifti import read_label_map
+    from fastcascade.train.commands import read_pairs
 
     (tmp_path / "a.csv").write_text("# cases\nx/ct.nii.gz, x/seg.nii.gz\n/abs/ct.nii,/abs/s.nii\n")
     assert read_pairs(tmp_path / "a.csv") == [

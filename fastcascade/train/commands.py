@@ -18,10 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import CASE_A_TO_CLASSES, CLASS_NAMES, Architecture, CascadeConfig, StageConfig
+from ..config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
+from ..io.nifti import read_label_map
 from ..io.pathlist import read_path_rows
-
-LABEL_MAPS = {"case_a": CASE_A_TO_CLASSES}
 
 
 def default_config(
@@ -56,27 +55,6 @@ def read_pairs(csv_path: str | Path) -> list[tuple[Path, Path]]:
     if not pairs:
         raise ValueError(f"{csv_path} lists no (ct, labels) pairs")
     return pairs
-
-
-def read_label_map(value: str | None) -> dict[int, int] | None:
-    """``None``, a known name (``case_a``) or a JSON file ``{"file id": class id}``."""
-    if value is None or value == "none":
-        return None
-    if value in LABEL_MAPS:
-        return dict(LABEL_MAPS[value])
-    path = Path(value)
-    if not path.exists():
-        raise ValueError(
-            f"--label-map must be one of {sorted(LABEL_MAPS)}, 'none' or a JSON file; "
-            f"{value!r} is neither"
-        )
-    mapping = json.loads(path.read_text())
-    try:
-        return {int(k): int(v) for k, v in mapping.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise ValueError(
-            f'label map {path} must be a JSON object of integer ids, e.g. {{"5": 1}}'
-        ) from None
 
 
 def _source(args, spacing, seed):
