@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ._checks import check_mask
+from ._checks import check_mask, three_positive
 
 _BACKENDS = ("auto", "torch", "scipy")
 
@@ -34,16 +34,6 @@ _BACKENDS = ("auto", "torch", "scipy")
 # spacings whose ratios are exact in decimal, e.g. (0.7, 0.7, 1.4) mm, give the same
 # element as (1, 1, 2) mm despite binary rounding.
 _SURFACE_RTOL = 1e-9
-
-
-def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise TypeError(f"spacing must be 3 numbers (mm), got {spacing!r}") from None
-    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"spacing must be 3 finite positive numbers (mm), got {spacing!r}")
-    return values
 
 
 def _check_radius(radius: int) -> int:
@@ -68,7 +58,7 @@ def structuring_element(radius: int, spacing: Sequence[float] = (1.0, 1.0, 1.0))
     (5, 5, 3)
     """
     r = _check_radius(radius)
-    s = np.asarray(_check_spacing(spacing))
+    s = np.asarray(three_positive(spacing, "spacing", integer=False))
     ratio = s / s.min()  # >= 1, exactly 1 on the finest axis
     half = [int(math.floor(r / q)) + 1 for q in ratio]  # generous; cropped below
     grids = np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij")

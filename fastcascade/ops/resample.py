@@ -24,30 +24,15 @@ of an fp64 evaluation of the same formula; equal shapes return an exact copy.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ._checks import three_positive
+
 _BACKENDS = ("auto", "torch")
 _MODES = ("linear", "nearest")
-
-
-def _three_positive(values: Sequence, what: str, integer: bool) -> tuple:
-    convert = operator.index if integer else float
-    try:
-        out = tuple(convert(v) for v in values)
-    except TypeError:
-        kind = "integers (voxels)" if integer else "numbers (mm)"
-        raise TypeError(f"{what} must be 3 {kind}, got {values!r}") from None
-    if len(out) != 3:
-        raise ValueError(f"{what} must have 3 entries (x, y, z), got {values!r}")
-    if integer and not all(v >= 1 for v in out):
-        raise ValueError(f"{what} must be >= 1 voxel along each axis, got {values!r}")
-    if not integer and not all(math.isfinite(v) and v > 0 for v in out):
-        raise ValueError(f"{what} must be finite and > 0 (mm), got {values!r}")
-    return out
 
 
 def working_shape(
@@ -61,9 +46,9 @@ def working_shape(
     >>> working_shape((512, 512, 100), (0.75, 0.75, 3.0), (1.5, 1.5, 1.5))
     (256, 256, 200)
     """
-    shape = _three_positive(shape, "shape", integer=True)
-    spacing = _three_positive(spacing, "spacing", integer=False)
-    target = _three_positive(target_spacing, "target_spacing", integer=False)
+    shape = three_positive(shape, "shape", integer=True)
+    spacing = three_positive(spacing, "spacing", integer=False)
+    target = three_positive(target_spacing, "target_spacing", integer=False)
     return tuple(
         max(1, math.floor(n * s / t + 0.5)) for n, s, t in zip(shape, spacing, target, strict=True)
     )
@@ -85,7 +70,7 @@ def _check(volume: torch.Tensor, out_shape: Sequence[int], mode: str) -> tuple[i
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if min(volume.shape[-3:]) < 1:
         raise ValueError(f"volume has an empty spatial axis: shape {tuple(volume.shape)}")
-    return _three_positive(out_shape, "out_shape", integer=True)
+    return three_positive(out_shape, "out_shape", integer=True)
 
 
 def resample_ref(

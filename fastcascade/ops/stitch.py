@@ -19,10 +19,11 @@ the top two classes are that close.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
+
+from ._checks import three_positive
 
 _BACKENDS = ("auto", "torch")
 _WEIGHT_MODES = ("constant", "gaussian")
@@ -50,12 +51,7 @@ def tile_weight(
     >>> float(w.max()), tuple(w.shape), bool(w.min() > 0)
     (1.0, (5, 5, 3), True)
     """
-    try:
-        size = tuple(operator.index(s) for s in size)
-    except TypeError:
-        raise TypeError(f"size must be 3 integers (voxels), got {size!r}") from None
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"size must be 3 integers >= 1 (voxels), got {size!r}")
+    size = three_positive(size, "size", integer=True)
     if mode not in _WEIGHT_MODES:
         raise ValueError(f"mode must be one of {_WEIGHT_MODES}, got {mode!r}")
     if mode == "constant":

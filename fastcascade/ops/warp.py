@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._checks import three_positive
 
 triton, tl = _backend.import_triton()
 
@@ -294,13 +295,6 @@ def _warp_triton(
 # ----------------------------------------------------------------------------------------
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(shape)
-    if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
-        raise ValueError(f"shape must be three positive ints (x, y, z), got {shape!r}")
-    return shape
-
-
 def _check_spacing(grid_spacing: float) -> float:
     if isinstance(grid_spacing, bool) or not isinstance(grid_spacing, (int, float)):
         raise TypeError(f"grid_spacing must be a number of voxels, got {grid_spacing!r}")
@@ -320,7 +314,7 @@ def control_grid_shape(shape: Sequence[int], grid_spacing: float = 32) -> tuple[
     >>> control_grid_shape((132, 132, 116), 32)
     (8, 8, 7)
     """
-    shape = _check_shape(shape)
+    shape = three_positive(shape, "shape", integer=True)
     s = _check_spacing(grid_spacing)
     return tuple(int(math.floor((n - 1) / s)) + 4 for n in shape)
 
@@ -358,7 +352,7 @@ def displacement_field(
     >>> field.shape, round(float(field.min()), 4), round(float(field.max()), 4)
     (torch.Size([3, 40, 40, 40]), 2.0, 2.0)
     """
-    shape = _check_shape(shape)
+    shape = three_positive(shape, "shape", integer=True)
     s = _check_spacing(grid_spacing)
     if not isinstance(control_displacements, torch.Tensor):
         raise TypeError(
@@ -449,7 +443,7 @@ def affine_coordinates(
     >>> q.shape, q[:, 0, 0, 0].tolist()
     (torch.Size([3, 4, 5, 6]), [1.0, 0.0, -2.0])
     """
-    shape = _check_shape(shape)
+    shape = three_positive(shape, "shape", integer=True)
     params = _affine_params(shape, rotation_deg, translation_vox, device)
     rot, centre, origin = params[:9].reshape(3, 3), params[9:12], params[12:]
     axes = [torch.arange(n, dtype=torch.float32, device=params.device) for n in shape]
