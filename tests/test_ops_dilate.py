@@ -152,6 +152,19 @@ def test_element_ties_on_the_surface_survive_decimal_spacings():
     )
 
 
+#: What each bad input's error says (the test id → a regular expression).
+BAD_INPUT_MESSAGES = {
+    "float-mask": "mask must be a bool tensor",
+    "2d-mask": "mask must be 3D",
+    "negative-radius": "radius must be >= 0",
+    "float-radius": "radius must be an int",
+    "two-spacings": "spacing must have 3 entries",
+    "zero-spacing": "spacing must be finite and > 0",
+    "unknown-backend": "backend must be one of",
+    "ref-numpy-mask": "mask must be a torch.Tensor",
+}
+
+
 @pytest.mark.parametrize(
     "call, error",
     [
@@ -175,8 +188,9 @@ def test_element_ties_on_the_surface_survive_decimal_spacings():
         "ref-numpy-mask",
     ],
 )
-def test_bad_inputs_raise(call, error):
-    with pytest.raises(error):
+def test_bad_inputs_raise(call, error, request):
+    case = request.node.callspec.id
+    with pytest.raises(error, match=BAD_INPUT_MESSAGES[case]):
         call()
 
 

@@ -482,6 +482,19 @@ def test_device_backends_match_scipy_on_the_gpu(backend):
 # --- validation ---------------------------------------------------------------------------
 
 
+#: What each bad input's error says (the test id → a regular expression).
+BAD_INPUT_MESSAGES = {
+    "fill-float-mask": "fill_holes_2d: mask must be a bool tensor",
+    "fill-2d": "fill_holes_2d: mask must be 3D",
+    "largest-numpy": "largest_component: mask must be a torch.Tensor",
+    "largest-4d": "largest_component: mask must be 3D",
+    "body-bool-image": "body_mask: image_hu must hold real HU values",
+    "body-2d": "body_mask: image_hu must be 3D",
+    "body-unknown-backend": "body_mask: backend must be one of",
+    "fill-unknown-backend": "fill_holes_2d: backend must be one of",
+}
+
+
 @pytest.mark.parametrize(
     "call, error",
     [
@@ -505,6 +518,7 @@ def test_device_backends_match_scipy_on_the_gpu(backend):
         "fill-unknown-backend",
     ],
 )
-def test_bad_inputs_raise(call, error):
-    with pytest.raises(error):
+def test_bad_inputs_raise(call, error, request):
+    case = request.node.callspec.id
+    with pytest.raises(error, match=BAD_INPUT_MESSAGES[case]):
         call()

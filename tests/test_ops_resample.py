@@ -147,6 +147,20 @@ def test_working_shape(shape, spacing, target, expected):
     assert working_shape(shape, spacing, target) == expected
 
 
+#: What each bad input's error says (the test id → a regular expression).
+BAD_INPUT_MESSAGES = {
+    "2d-volume": "volume must be \\(\\.\\.\\., x, y, z\\)",
+    "2-axis-shape": "out_shape must have 3 entries",
+    "zero-size": "out_shape must be >= 1 voxel",
+    "float-size": "out_shape must be 3 integers",
+    "unknown-mode": "mode must be one of",
+    "unknown-backend": "backend must be one of",
+    "numpy-volume": "volume must be a torch.Tensor",
+    "zero-spacing": "spacing must be finite and > 0",
+    "2-axis-shape-working": "shape must have 3 entries",
+}
+
+
 @pytest.mark.parametrize(
     "call, error",
     [
@@ -172,8 +186,9 @@ def test_working_shape(shape, spacing, target, expected):
         "2-axis-shape-working",
     ],
 )
-def test_bad_inputs_raise(call, error):
-    with pytest.raises(error):
+def test_bad_inputs_raise(call, error, request):
+    case = request.node.callspec.id
+    with pytest.raises(error, match=BAD_INPUT_MESSAGES[case]):
         call()
 
 

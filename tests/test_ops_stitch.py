@@ -230,6 +230,24 @@ def test_accumulate_rejects_bad_inputs_without_writing(case, accumulator):
     assert torch.equal(acc, before[0]) and torch.equal(weight_sum, before[1])
 
 
+#: What each bad input's error says (the test id → a regular expression).
+BAD_INPUT_MESSAGES = {
+    "weight-sum-shape": "weight_sum must be float32",
+    "acc-float64": "acc must be float32",
+    "too-many-classes-for-uint8": "1 <= C <= 256",
+    "float-mask": "mask must be None or a bool tensor",
+    "mask-shape": "mask must be \\(3, 3, 3\\)",
+    "out-shape": "out must be a floating",
+    "finalize-unknown-backend": "finalize: backend must be one of",
+    "accumulate-unknown-backend": "accumulate: backend must be one of",
+    "weight-2d-size": "size must have 3 entries",
+    "weight-zero-size": "size must be >= 1 voxel",
+    "weight-float-size": "size must be 3 integers",
+    "weight-unknown-mode": "mode must be one of",
+    "weight-zero-sigma": "sigma_scale must be finite and > 0",
+}
+
+
 @pytest.mark.parametrize(
     "call, error",
     [
@@ -295,8 +313,9 @@ def test_accumulate_rejects_bad_inputs_without_writing(case, accumulator):
         "weight-zero-sigma",
     ],
 )
-def test_bad_inputs_raise(call, error):
-    with pytest.raises(error):
+def test_bad_inputs_raise(call, error, request):
+    case = request.node.callspec.id
+    with pytest.raises(error, match=BAD_INPUT_MESSAGES[case]):
         call()
 
 
