@@ -192,9 +192,18 @@ def kernel_config(cin: int, cout: int, dtype: torch.dtype) -> dict:
     halve ``BLOCK_K`` (twice the bytes per element in shared memory)."""
     if _backend.interpreter_on():
         return dict(INTERPRETER_CONFIG)
-    cfg = dict(CONFIGS.get((cin, cout)) or default_config(cin, cout))
+    return _for_dtype(table_entry(cin, cout), dtype)
+
+
+def table_entry(cin: int, cout: int) -> dict:
+    """The committed table's entry for a layer shape, else :func:`default_config`."""
+    return dict(CONFIGS.get((cin, cout)) or default_config(cin, cout))
+
+
+def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
+    """``cfg`` for ``dtype``: fp32 halves ``BLOCK_K`` (twice the bytes per element)."""
     if dtype == torch.float32:
-        cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)
+        cfg = {**cfg, "BLOCK_K": max(16, cfg["BLOCK_K"] // 2)}
     return cfg
 
 
@@ -239,8 +248,7 @@ def _autotuned_config(x, packed, bias, padding: str, input_precision: str) -> di
 
         best = (float("inf"), kernel_config(cin, cout, x.dtype))
         for cfg in candidate_configs(cin, cout):
-            if x.dtype == torch.float32:
-                cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)
+            cfg = _for_dtype(cfg, x.dtype)
             try:
                 t = do_bench(
                     lambda cfg=cfg: _launch(x, packed, bias, padding, input_precision, cfg)
@@ -555,7 +563,7 @@ def _provider(
         return name  # CUDA without Triton
     if dtype == torch.float32 and input_precision == "ieee":
         return "triton"  # cuDNN's fp32 precision is a global flag; ours is exact on request
-    entry = CONFIGS.get((cin, cout)) or default_config(cin, cout)
+    entry = table_entry(cin, cout)
     if entry["provider"] == "cudnn" and _backend.available("cudnn", x):
         return "cudnn"
     return "triton"
