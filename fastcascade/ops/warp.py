@@ -354,24 +354,32 @@ def displacement_field(
     """
     shape = three_positive(shape, "shape", integer=True)
     s = _check_spacing(grid_spacing)
+    grid = _check_control(control_displacements, shape, s)
+    ctrl = control_displacements.to(torch.float32)
+    dev = ctrl.device
+    wx, wy, wz = (_bspline_matrix(n, g, s, dev) for n, g in zip(shape, grid, strict=True))
+    return torch.einsum("cabd,xa,yb,zd->cxyz", ctrl, wx, wy, wz).contiguous()
+
+
+def _check_control(control_displacements, shape: tuple, grid_spacing: float) -> tuple:
+    """Check a control grid for a volume of ``shape``; returns its spatial shape."""
     if not isinstance(control_displacements, torch.Tensor):
         raise TypeError(
-            f"control_displacements must be a torch.Tensor, got {type(control_displacements)}"
+            "control_displacements must be a torch.Tensor (3, gx, gy, gz), "
+            f"got {type(control_displacements)}"
         )
-    want = (3, *control_grid_shape(shape, s))
-    if tuple(control_displacements.shape) != want:
+    grid = control_grid_shape(shape, grid_spacing)
+    if tuple(control_displacements.shape) != (3, *grid):
         raise ValueError(
-            f"control_displacements must have shape {want} (3, gx, gy, gz) for a volume of "
-            f"{shape} with grid_spacing {grid_spacing}, got {tuple(control_displacements.shape)}"
+            f"control_displacements must have shape {(3, *grid)} (3, gx, gy, gz) for a volume "
+            f"of {shape} with grid_spacing {grid_spacing}, "
+            f"got {tuple(control_displacements.shape)}"
         )
     if not control_displacements.is_floating_point():
         raise TypeError(
             f"control_displacements must be floating point, got {control_displacements.dtype}"
         )
-    ctrl = control_displacements.to(torch.float32)
-    dev = ctrl.device
-    wx, wy, wz = (_bspline_matrix(n, g, s, dev) for n, g in zip(shape, want[1:], strict=True))
-    return torch.einsum("cabd,xa,yb,zd->cxyz", ctrl, wx, wy, wz).contiguous()
+    return grid
 
 
 def _as_vector3(value, name: str) -> tuple[float, float, float]:
@@ -632,29 +640,13 @@ def elastic_affine_warp(
     shape = tuple(image.shape[1:])
     s = _check_spacing(grid_spacing)
     if control_displacements is not None:
-        if not isinstance(control_displacements, torch.Tensor):
-            raise TypeError(
-                "control_displacements must be a torch.Tensor (3, gx, gy, gz) or None, "
-                f"got {type(control_displacements)}"
-            )
+        _check_control(control_displacements, shape, s)
         if control_displacements.device != image.device:
             raise ValueError(
                 f"control_displacements are on {control_displacements.device}, "
                 f"the image on {image.device}"
             )
     if _backend.resolve(backend, image) == "triton":
-        if control_displacements is not None:
-            want = (3, *control_grid_shape(shape, s))
-            if tuple(control_displacements.shape) != want:
-                raise ValueError(
-                    f"control_displacements must have shape {want} for a volume of {shape} "
-                    f"with grid_spacing {grid_spacing}, got {tuple(control_displacements.shape)}"
-                )
-            if not control_displacements.is_floating_point():
-                raise TypeError(
-                    "control_displacements must be floating point, "
-                    f"got {control_displacements.dtype}"
-                )
         affine = _affine_params(shape, rotation_deg, translation_vox, image.device)
         return _warp_triton(
             image,
