@@ -59,6 +59,7 @@ def patch_pixdim(path, values):
     data = bytearray(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
     data[80:92] = struct.pack("<3f", *values)  # pixdim is float32[8] at byte 76
     path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
+    return path
 
 
 # ----------------------------------------------------------------------- orientation
@@ -355,24 +356,19 @@ BAD_FILES = {
         "NaN",
     ),
     "zero-pixdim": (
-        lambda p: (
-            patch_pixdim(save(p / "x.nii.gz", ct_volume()), (0.0, 2.0, 3.0)) or p / "x.nii.gz"
-        ),
+        lambda p: patch_pixdim(save(p / "x.nii.gz", ct_volume()), (0.0, 2.0, 3.0)),
         "pixdim",
     ),
     "zero-pixdim-no-sform": (
-        lambda p: (
-            patch_pixdim(save(p / "x.nii", ct_volume(), sform_code=0), (1.0, 0.0, 3.0))
-            or p / "x.nii"
-        ),
+        lambda p: patch_pixdim(save(p / "x.nii", ct_volume(), sform_code=0), (1.0, 0.0, 3.0)),
         "pixdim",
     ),
     "negative-pixdim": (
-        lambda p: patch_pixdim(save(p / "x.nii", ct_volume()), (-1.5, 2.0, 3.0)) or p / "x.nii",
+        lambda p: patch_pixdim(save(p / "x.nii", ct_volume()), (-1.5, 2.0, 3.0)),
         "pixdim",
     ),
     "nan-pixdim": (
-        lambda p: patch_pixdim(save(p / "x.nii", ct_volume()), (np.nan, 2.0, 3.0)) or p / "x.nii",
+        lambda p: patch_pixdim(save(p / "x.nii", ct_volume()), (np.nan, 2.0, 3.0)),
         "pixdim",
     ),
     "truncated-gz-data": (lambda p: _truncated(p, ".nii.gz", 0.5), "truncated"),
@@ -704,10 +700,6 @@ def test_read_labels_on_a_truncated_file(tmp_path):
 
 
 def test_label_names_json_with_a_gap_is_a_value_error(tmp_path):
-    import json
-
-    from fastcascade.io.nifti import read_label_names
-
     (tmp_path / "seg.json").write_text(json.dumps({"0": "background", "2": "liver"}))
     with pytest.raises(ValueError, match="every id"):
         read_label_names(tmp_path / "seg.nii.gz")
