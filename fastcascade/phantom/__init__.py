@@ -184,13 +184,14 @@ def make_phantom(
         max(n, math.ceil(f / s) + (math.ceil(f / s) - n) % 2)
         for n, s, f in zip(shape, spacing, _MIN_FOV_MM, strict=True)
     )
+    # Centred on the world origin, whatever the grid.
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(shape, spacing, strict=True)]
     if full != shape:
         big = make_phantom(full, spacing, seed, contrast, noise)
         crop = tuple(
             slice((m - n) // 2, (m - n) // 2 + n) for m, n in zip(full, shape, strict=True)
         )
-        affine = np.diag([*spacing, 1.0])
-        affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(shape, spacing, strict=True)]
         return Phantom(
             image=np.ascontiguousarray(big.image[crop]),
             labels=np.ascontiguousarray(big.labels[crop]),
@@ -214,6 +215,4 @@ def make_phantom(
     tex_rng = np.random.default_rng([int(seed), 1])
     _Anatomy(cv, rng, tex_rng, hu, fields).build()
     image = _finish(cv, hu, tex_rng, noise)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(shape, spacing, strict=True)]
     return Phantom(image=image, labels=cv.labels, spacing=spacing, affine=affine)
