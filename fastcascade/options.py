@@ -1,0 +1,136 @@
+"""Every inference choice in one frozen object, built once per call and passed unchanged.
+
+``segment(volume, options=None, **overrides)`` and ``Predictor.segment`` build an
+:class:`InferenceOptions` from a base object (the predictor's defaults, or
+``InferenceOptions()``) and keyword overrides, check it once, and hand it down unchanged:
+cascade → stage → stage runner. Nothing below re-reads or re-defaults an option.
+
+>>> from fastcascade.options import InferenceOptions
+>>> opts = InferenceOptions(overlap=False)
+>>> opts.replace(weights="gaussian").weights
+'gaussian'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .ops.morphology import BACKENDS as BODY_MASK_BACKENDS
+
+#: autocast dtypes by ``precision`` name (``None``: no autocast); probabilities are
+#: averaged in fp32 whatever the precision.
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+WEIGHTS = ("constant", "gaussian")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run a cascade (not part of the model; the model's choices live in its config).
+
+    - ``overlap``: stage 2 on overlapping tiles, probabilities averaged with ``weights``
+      (``"constant"`` or ``"gaussian"``). ``overlap_step``: the lattice step as fractions
+      of the output tile per axis; the paper's 4x overlap is ``(0.5, 0.5, 1.0)``.
+    - ``skip_empty``: compute only tiles touching the stage's candidate region (``False``
+      computes every tile, as the original does).
+    - ``batch_size``: tiles per network call (≥ 1).
+    - ``probabilities``: also return stage 2's class probabilities.
+    - ``memory_budget``: bytes the stitching accumulators may use (``None``: no limit);
+      beyond it a stage stitches in parts along x.
+    - ``body_mask_backend``: how C1's hole filling and labelling run (``"auto"``,
+      ``"scipy"``, ``"cupy"``, ``"torch"``; all give the same mask).
+    - ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the networks.
+    - ``compile``: ``torch.compile`` both networks on first use.
+    """
+
+    overlap: bool = True
+    overlap_step: tuple[float, float, float] = (0.5, 0.5, 1.0)
+    weights: str = "constant"
+    skip_empty: bool = True
+    batch_size: int = 2
+    probabilities: bool = False
+    memory_budget: int | None = None
+    body_mask_backend: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "overlap_step", tuple(float(s) for s in self.overlap_step))
+        if len(self.overlap_step) != 3 or any(not 0.0 < s <= 1.0 for s in self.overlap_step):
+            raise ValueError(f"overlap_step must be 3 fractions in (0, 1], got {self.overlap_step}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise TypeError(f"batch_size must be an integer, got {self.batch_size!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.memory_budget is not None and (
+            isinstance(self.memory_budget, bool)
+            or not isinstance(self.memory_budget, int)
+            or self.memory_budget < 1
+        ):
+            raise ValueError(
+                f"memory_budget must be a positive number of bytes or None, "
+                f"got {self.memory_budget!r}"
+            )
+        if self.body_mask_backend not in BODY_MASK_BACKENDS:
+            raise ValueError(
+                f"body_mask_backend must be one of {BODY_MASK_BACKENDS}, "
+                f"got {self.body_mask_backend!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
+            )
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The networks' autocast dtype, ``None`` for fp32."""
+        return PRECISIONS[self.precision]
+
+    def replace(self, **changes: Any) -> InferenceOptions:
+        """A copy with ``changes`` applied (checked like a new object); unknown names
+        raise ``TypeError`` naming them and the valid ones."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(
+                f"unknown inference option(s) {unknown}; expected some of {option_names()}"
+            )
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+def option_names() -> list[str]:
+    """The names of every inference option, in declaration order."""
+    return [f.name for f in dataclasses.fields(InferenceOptions)]
+
+
+def build_options(
+    options: InferenceOptions | Mapping[str, Any] | None,
+    overrides: Mapping[str, Any],
+    base: InferenceOptions | None = None,
+) -> InferenceOptions:
+    """The one place options are built: ``options`` (an object, a mapping of option names,
+    or ``None`` for ``base``), then ``overrides`` on top.
+
+    >>> build_options(None, {"overlap": False}).overlap
+    False
+    """
+    base = InferenceOptions() if base is None else base
+    if options is None:
+        options = base
+    elif isinstance(options, Mapping):
+        options = base.replace(**options)
+    elif not isinstance(options, InferenceOptions):
+        raise TypeError(
+            f"options must be an InferenceOptions, a dict of option names or None, "
+            f"got {type(options).__name__}"
+        )
+    return options.replace(**overrides)
