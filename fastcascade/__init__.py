@@ -9,12 +9,14 @@ from . import phantom
 from .api import Predictor, SegmentationResult, load_model, segment
 from .config import CLASS_NAMES, CascadeConfig
 from .model import UNet3D
+from .options import InferenceOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CLASS_NAMES",
     "CascadeConfig",
+    "InferenceOptions",
     "Predictor",
     "SegmentationResult",
     "UNet3D",

@@ -1,27 +1,30 @@
 """``segment()`` and the reusable ``Predictor``: a scan in, labels on its own grid out.
 
-Host↔device traffic per scan: one upload of the scan (as given, before resampling), one
-download of the labels on the input grid, plus the probabilities when asked for. The
-working-grid resampling, both stages and the return to the input grid run on the device.
+``Predictor.segment`` is load → cascade → result: ``io.scan.load_scan`` reads and checks
+the scan, the options are built once (``options.build_options``) and
+``cascade.segment_scan`` does the rest. Host↔device traffic per scan: one upload of the
+scan (as given, before resampling), one download of the labels on the input grid, plus
+the probabilities when asked for.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .cascade import CascadeOptions, run_cascade
+from .cascade import segment_scan
 from .config import CascadeConfig
+from .diagnostics import Clock
 from .io.checkpoint import load_cascade
 from .io.scan import load_scan
 from .model import UNet3D
-from .ops.resample import resample, working_shape
+from .options import PRECISIONS, InferenceOptions, build_options
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
 
@@ -96,13 +99,17 @@ def resolve_device(device: str | torch.device, volume=None) -> torch.device:
 class Predictor:
     """A loaded cascade, kept on one device for segmenting many scans.
 
+    ``options``: the predictor's default :class:`~fastcascade.options.InferenceOptions`
+    (each call may override them); ``precision`` and ``compile`` are shorthands for two
+    of them.
+
     >>> predictor = load_model()                      # the embedded default model
     >>> result = predictor.segment("ct.nii.gz")       # doctest: +SKIP
     >>> result.save("seg.nii.gz")                     # doctest: +SKIP
     """
 
     #: autocast dtypes by ``precision`` name; probabilities are stitched in fp32 always.
-    PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    PRECISIONS = PRECISIONS
 
     def __init__(
         self,
@@ -112,19 +119,31 @@ class Predictor:
         device="auto",
         precision: str = "fp32",
         compile: bool = False,
+        options: InferenceOptions | None = None,
     ):
-        if precision not in self.PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}"
-            )
-        self.config, self.precision, self.compile = config, precision, compile
+        base = InferenceOptions() if options is None else options
+        self.options = base.replace(precision=precision, compile=compile)
+        self.config = config
         self.stage1, self.stage2 = stage1.eval(), stage2.eval()
+        self._compiled = None
         self.to(device)
 
-    def _networks(self) -> tuple[UNet3D, UNet3D]:
-        if not self.compile:
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    @property
+    def compile(self) -> bool:
+        return self.options.compile
+
+    @compile.setter
+    def compile(self, value: bool) -> None:
+        self.options = self.options.replace(compile=bool(value))
+
+    def _networks(self, compile: bool | None = None) -> tuple[UNet3D, UNet3D]:
+        if not (self.options.compile if compile is None else compile):
             return self.stage1, self.stage2
-        if getattr(self, "_compiled", None) is None:
+        if self._compiled is None:
             self._compiled = (torch.compile(self.stage1), torch.compile(self.stage2))
         return self._compiled
 
@@ -143,80 +162,46 @@ class Predictor:
     def segment(
         self,
         volume,
+        options: InferenceOptions | Mapping[str, Any] | None = None,
         *,
         spacing=None,
         affine=None,
-        overlap: bool = True,
-        probabilities: bool = False,
-        batch_size: int = 2,
-        weights: str = "constant",
-        skip_empty: bool = True,
-        memory_budget: int | None = None,
         progress: Callable[[str, int, int], None] | None = None,
-        body_mask_backend: str = "auto",
+        **overrides: Any,
     ) -> SegmentationResult:
-        """Segment one scan; see :func:`segment`. ``skip_empty=False`` computes every tile
-        (the original's approach); ``body_mask_backend`` picks how C1 is labelled
-        (:class:`~fastcascade.cascade.CascadeOptions`)."""
+        """Segment one scan; see :func:`segment`. ``options`` (default: the predictor's)
+        and keyword ``overrides`` of any :class:`~fastcascade.options.InferenceOptions`
+        field, e.g. ``overlap=False``, ``skip_empty=False`` (every tile, as the original).
+        """
         t0 = time.perf_counter()
-        options = CascadeOptions(
-            overlap=overlap,
-            weights=weights,
-            skip_empty=skip_empty,
-            batch_size=batch_size,
-            probabilities=probabilities,
-            memory_budget=memory_budget,
-            body_mask_backend=body_mask_backend,
-        )
+        options = build_options(options, overrides, self.options)
         scan = load_scan(volume, spacing=spacing, affine=affine)
-        if isinstance(volume, torch.Tensor) and scan.data.device != self.device:
-            self.to(scan.data.device)  # a tensor input decides the device
-        data = scan.data.to(self.device, non_blocking=True)  # the one upload
-        t_load = time.perf_counter()
-        shape = working_shape(tuple(data.shape), scan.spacing, self.config.spacing)
-        image = resample(data, shape, mode="linear")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # a lap, as each of the cascade's steps
-        t_grid = time.perf_counter()
-        dtype = self.PRECISIONS[self.precision]
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            out = run_cascade(image, *self._networks(), self.config, options, progress)
-
-        t_back = time.perf_counter()
-        labels = scan.to_input_grid(resample(out.stage2.labels, tuple(data.shape), "nearest"))
-        probs = None
-        if probabilities:
-            probs = scan.to_input_grid(
-                resample(out.stage2.probabilities, tuple(data.shape), "linear")
-            )
         keep_tensor = isinstance(volume, torch.Tensor)
-        labels = labels if keep_tensor else labels.cpu().numpy()  # the one download
-        if probs is not None and not keep_tensor:
-            probs = probs.cpu().numpy()
-        c1_fraction = float(out.c1.float().mean())
-        if c1_fraction == 0.0:
-            warnings.warn(
-                "no body found (no voxel above the body threshold of "
-                f"{self.config.body_threshold} HU): the result is all background",
-                stacklevel=2,
-            )
-        timings = {"load": t_load - t0, "to_working_grid": t_grid - t_load, **out.timings}
-        timings["to_input_grid"] = time.perf_counter() - t_back
-        timings["total"] = time.perf_counter() - t0
+        if keep_tensor and scan.data.device != self.device:
+            self.to(scan.data.device)  # a tensor input decides the device
+        clock = Clock(self.device, start=t0)
+        clock.lap("load")
+        out = segment_scan(
+            scan,
+            *self._networks(options.compile),
+            self.config,
+            options,
+            self.device,
+            to_host=not keep_tensor,
+            progress=progress,
+            clock=clock,
+        )
         return SegmentationResult(
-            labels=labels,
+            labels=out.labels,
             class_names=self.config.class_names,
             affine=scan.input_affine,
             header=scan.header,
-            probabilities=probs,
-            timings=timings,
-            c1_fraction=c1_fraction,
-            c2_fraction=float(out.c2.float().mean()),
+            probabilities=out.probabilities,
+            timings={**out.timings, "total": clock.total()},
+            c1_fraction=out.c1_fraction,
+            c2_fraction=out.c2_fraction,
+            tiles=out.tiles,
             source=scan.path,
-            tiles={
-                "stage1": (out.stage1.tiles_computed, out.stage1.tiles_total),
-                "stage2": (out.stage2.tiles_computed, out.stage2.tiles_total),
-            },
         )
 
 
@@ -226,7 +211,8 @@ def load_model(
     """Load a cascade (``model.safetensors`` + ``model.json``); ``None`` is the default.
 
     ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast for the networks (GPU);
-    ``compile``: ``torch.compile`` both networks on first use.
+    ``compile``: ``torch.compile`` both networks on first use. Both become the
+    predictor's default options.
     """
     path = DEFAULT_MODEL if path is None else Path(path)
     config, stage1, stage2 = load_cascade(path)
@@ -235,17 +221,14 @@ def load_model(
 
 def segment(
     volume,
+    options: InferenceOptions | Mapping[str, Any] | None = None,
     *,
     spacing=None,
     affine=None,
     model=None,
     device="auto",
-    overlap: bool = True,
-    probabilities: bool = False,
-    batch_size: int = 2,
-    weights: str = "constant",
-    memory_budget: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    **overrides: Any,
 ) -> SegmentationResult:
     """Segment the organs and vessels of an abdominal CT.
 
@@ -253,15 +236,22 @@ def segment(
     of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``. ``model``: a
     :class:`Predictor`, a path to a saved cascade, or ``None`` for the embedded default
     model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else
-    the CPU), ``"cpu"``, ``"cuda"``… ``overlap``: stage 2 on overlapping tiles (each
-    voxel seen 4x, probabilities averaged with ``weights``). ``progress(stage, done,
-    total)`` is called after each batch of tiles. ``memory_budget``: bytes the stitching
-    may use; beyond it stages stitch in slabs (a GPU out-of-memory error also falls back to
-    smaller tile batches, then slabs).
+    the CPU), ``"cpu"``, ``"cuda"``… ``progress(stage, done, total)`` is called after each
+    batch of tiles.
+
+    How to run is one :class:`~fastcascade.options.InferenceOptions` (``options``, or the
+    model's defaults) with keyword ``overrides`` of its fields on top, built once:
+    ``overlap`` (stage 2 on overlapping tiles, each voxel seen 4x, probabilities
+    averaged with ``weights``), ``probabilities``, ``batch_size``, ``skip_empty``,
+    ``memory_budget`` (bytes the stitching may use; beyond it stages stitch in parts, and
+    a GPU out-of-memory error also falls back to smaller tile batches, then parts),
+    ``body_mask_backend``, ``precision``, ``compile``, ``overlap_step``. An unknown name
+    raises ``TypeError``.
 
     >>> import numpy as np, fastcascade
     >>> ct = np.full((40, 40, 30), -1000.0, dtype=np.float32)
     >>> result = fastcascade.segment(ct, spacing=(3.0, 3.0, 3.0))  # doctest: +SKIP
+    >>> result = fastcascade.segment(ct, spacing=(3.0,) * 3, overlap=False)  # doctest: +SKIP
     """
     if isinstance(model, Predictor):
         predictor = model
@@ -270,13 +260,5 @@ def segment(
     else:
         predictor = load_model(model, device=resolve_device(device, volume))
     return predictor.segment(
-        volume,
-        spacing=spacing,
-        affine=affine,
-        overlap=overlap,
-        probabilities=probabilities,
-        batch_size=batch_size,
-        weights=weights,
-        memory_budget=memory_budget,
-        progress=progress,
+        volume, options, spacing=spacing, affine=affine, progress=progress, **overrides
     )

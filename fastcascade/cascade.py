@@ -1,62 +1,34 @@
 """The two stages, top to bottom like the paper's Fig. 3: C1 → stage 1 → C2 → stage 2.
 
-Everything here runs on the device of the input volume (the working-grid image), the
-body mask included (``ops/morphology.py``: SciPy for a CPU tensor, CuPy or PyTorch
-labelling on a GPU), so no volume-sized tensor crosses to the host.
+:func:`segment_scan` is the whole route of a scan: onto the model's working grid (the one
+upload), :func:`run_cascade` there, back onto the scan's own grid (the one download when
+the caller wants host arrays). Everything between the two transfers runs on one device,
+the body mask included (``ops/morphology.py``: SciPy for a CPU tensor, CuPy or PyTorch
+labelling on a GPU). The cascade owns the timing of every step (``diagnostics.Clock``)
+and the scalar reads it makes for the result (the C1 and C2 fractions).
 """
 
 from __future__ import annotations
 
-import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .config import AIR_HU, CascadeConfig, StageConfig
+from .diagnostics import Clock
+from .io.scan import Scan
 from .model import UNet3D
 from .ops.dilate import dilate
 from .ops.intensity import apply_window, window_value
-from .ops.morphology import BACKENDS as MORPHOLOGY_BACKENDS
 from .ops.morphology import body_mask
+from .options import InferenceOptions
 from .tiling import StageOutput, make_grid, overlap_step, run_stage
 
-
-@dataclass(frozen=True)
-class CascadeOptions:
-    """How to run the cascade (not part of the model).
-
-    ``overlap``: stage 2 on overlapping tiles (step ``overlap_step`` as fractions of the
-    output tile per axis; the paper's 4x is ``(0.5, 0.5, 1.0)``) with ``weights``
-    ``"constant"`` or ``"gaussian"``. ``skip_empty``: compute only tiles touching the
-    candidate region (``False`` is the original's every-tile approach).
-    ``memory_budget``: bytes the stitching accumulators may use (``None``: no limit);
-    beyond it a stage stitches in slabs. ``body_mask_backend``: how C1's hole filling and
-    component labelling run (:func:`~fastcascade.ops.morphology.body_mask`: ``"auto"``,
-    ``"scipy"``, ``"cupy"`` or ``"torch"``; all give the same mask).
-    """
-
-    overlap: bool = True
-    overlap_step: tuple[float, float, float] = (0.5, 0.5, 1.0)
-    weights: str = "constant"
-    skip_empty: bool = True
-    batch_size: int = 2
-    probabilities: bool = False
-    memory_budget: int | None = None
-    body_mask_backend: str = "auto"
-
-    def __post_init__(self):
-        if self.weights not in ("constant", "gaussian"):
-            raise ValueError(f"weights must be 'constant' or 'gaussian', got {self.weights!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if any(not 0.0 < s <= 1.0 for s in self.overlap_step):
-            raise ValueError(f"overlap_step fractions must be in (0, 1], got {self.overlap_step}")
-        if self.body_mask_backend not in MORPHOLOGY_BACKENDS:
-            raise ValueError(
-                f"body_mask_backend must be one of {MORPHOLOGY_BACKENDS}, "
-                f"got {self.body_mask_backend!r}"
-            )
+#: The former name of :class:`~fastcascade.options.InferenceOptions`, kept for old code.
+CascadeOptions = InferenceOptions
 
 
 @dataclass
@@ -76,7 +48,7 @@ def _stage(
     mask: torch.Tensor,
     stage: StageConfig,
     num_classes: int,
-    options: CascadeOptions,
+    options: InferenceOptions,
     *,
     overlap: bool,
     probabilities: bool,
@@ -108,17 +80,19 @@ def candidate_region(
     image_hu: torch.Tensor,
     stage1: UNet3D,
     config: CascadeConfig,
-    options: CascadeOptions = CascadeOptions(),
+    options: InferenceOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
-    lap: Callable[[str], None] = lambda name: None,
+    clock: Clock | None = None,
 ) -> tuple[torch.Tensor, StageOutput, torch.Tensor]:
     """C1 → stage 1 → C2 on the working grid: ``(c1, stage-1 output, c2)``.
 
     Stage 2's training regions come from here too, so that it learns on the candidate
-    regions it will see at inference. ``lap(name)`` is called after each step (timing).
+    regions it will see at inference. ``clock`` times each step.
     """
+    options = InferenceOptions() if options is None else options
+    clock = Clock(image_hu.device) if clock is None else clock
     c1 = body_mask(image_hu, config.body_threshold, backend=options.body_mask_backend)
-    lap("c1")
+    clock.lap("c1")
     first = _stage(
         stage1,
         image_hu,
@@ -130,9 +104,9 @@ def candidate_region(
         probabilities=False,
         progress=progress,
     )
-    lap("stage1")
+    clock.lap("stage1")
     c2 = dilate(first.labels > 0, config.radius, config.spacing)
-    lap("c2")
+    clock.lap("c2")
     return c1, first, c2
 
 
@@ -141,19 +115,22 @@ def run_cascade(
     stage1: UNet3D,
     stage2: UNet3D,
     config: CascadeConfig,
-    options: CascadeOptions = CascadeOptions(),
+    options: InferenceOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    clock: Clock | None = None,
 ) -> CascadeOutput:
     """Segment ``image_hu`` (X, Y, Z) float32 HU on the working grid ``config.spacing``.
 
-    Both networks must be in eval mode on ``image_hu``'s device.
+    Both networks must be in eval mode on ``image_hu``'s device; ``options.precision`` is
+    applied by the caller (:func:`segment_scan` autocasts).
     """
 
     def report(name):
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
-    clock = _Clock(image_hu.device)
-    c1, first, c2 = candidate_region(image_hu, stage1, config, options, report("stage1"), clock.lap)
+    options = InferenceOptions() if options is None else options
+    clock = Clock(image_hu.device) if clock is None else clock
+    c1, first, c2 = candidate_region(image_hu, stage1, config, options, report("stage1"), clock)
     second = _stage(
         stage2,
         image_hu,
@@ -169,16 +146,73 @@ def run_cascade(
     return CascadeOutput(first, second, c1, c2, clock.timings)
 
 
-class _Clock:
-    """Wall-clock laps; on a GPU each lap synchronises (one sync per lap, documented)."""
+@dataclass
+class ScanOutput:
+    """A cascade's result on the scan's own grid.
 
-    def __init__(self, device: torch.device):
-        self.device, self.timings = device, {}
-        self.last = time.perf_counter()
+    ``labels``: uint8 ``(i, j, k)`` in the input's orientation, ``probabilities``: float32
+    ``(C, i, j, k)`` when asked for; NumPy arrays when ``to_host``, else tensors on the
+    cascade's device. ``c1_fraction`` / ``c2_fraction``: the share of working-grid voxels
+    in C1 and C2. ``tiles[stage] = (computed, total)``; ``timings`` in seconds per step.
+    """
 
-    def lap(self, name: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.timings[name] = now - self.last
-        self.last = now
+    labels: np.ndarray | torch.Tensor
+    probabilities: np.ndarray | torch.Tensor | None
+    c1_fraction: float
+    c2_fraction: float
+    tiles: dict[str, tuple[int, int]]
+    timings: dict[str, float]
+
+
+def segment_scan(
+    scan: Scan,
+    stage1: UNet3D,
+    stage2: UNet3D,
+    config: CascadeConfig,
+    options: InferenceOptions,
+    device: torch.device,
+    *,
+    to_host: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    clock: Clock | None = None,
+) -> ScanOutput:
+    """A loaded scan through the whole cascade on ``device`` and back onto its own grid.
+
+    Steps timed (``clock``): ``to_working_grid`` (the upload and the resampling),
+    ``c1``, ``stage1``, ``c2``, ``stage2``, ``to_input_grid`` (resampling back, the
+    download when ``to_host``, and the two fraction reads).
+    """
+    clock = Clock(device) if clock is None else clock
+    grid = scan.working_grid(config.spacing)
+    image = grid.image(device)  # the one upload
+    clock.lap("to_working_grid")
+    dtype = options.autocast_dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        out = run_cascade(image, stage1, stage2, config, options, progress, clock)
+    labels = grid.labels_to_input(out.stage2.labels)
+    probs = None
+    if options.probabilities:
+        probs = grid.probabilities_to_input(out.stage2.probabilities)
+    if to_host:
+        labels = labels.cpu().numpy()  # the one download
+        probs = None if probs is None else probs.cpu().numpy()
+    c1_fraction = float(out.c1.float().mean())
+    if c1_fraction == 0.0:
+        warnings.warn(
+            "no body found (no voxel above the body threshold of "
+            f"{config.body_threshold} HU): the result is all background",
+            stacklevel=3,
+        )
+    c2_fraction = float(out.c2.float().mean())
+    clock.lap("to_input_grid")
+    return ScanOutput(
+        labels=labels,
+        probabilities=probs,
+        c1_fraction=c1_fraction,
+        c2_fraction=c2_fraction,
+        tiles={
+            "stage1": (out.stage1.tiles_computed, out.stage1.tiles_total),
+            "stage2": (out.stage2.tiles_computed, out.stage2.tiles_total),
+        },
+        timings=clock.timings,
+    )

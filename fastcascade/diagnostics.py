@@ -1,4 +1,5 @@
-"""Count what stalls a GPU: scalar reads and host↔device copies, per scan.
+"""What a scan costs: wall-clock laps per step (``Clock``), and what stalls a GPU:
+scalar reads and host↔device copies (``SyncCounter``).
 
 ``SyncCounter`` is a ``TorchDispatchMode``: it sees every ATen call, on the CPU as on a
 GPU, so CI can check the count without a GPU. Counted as syncs: ``.item()``/``float()``
@@ -15,6 +16,7 @@ between devices are counted separately with their size in bytes.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import torch
@@ -65,3 +67,34 @@ class SyncCounter(TorchDispatchMode):
                     (str(src.device), str(dst.device), src.numel() * src.element_size())
                 )
         return out
+
+
+class Clock:
+    """Wall-clock laps of a scan's steps, in seconds (``timings[name]``).
+
+    On a GPU each lap synchronises the device first (one documented sync per lap), so a
+    step's time includes the GPU work it queued. ``start``: a ``time.perf_counter()``
+    value the first lap counts from (default: now).
+
+    >>> clock = Clock(torch.device("cpu"))
+    >>> clock.lap("load")
+    >>> list(clock.timings)
+    ['load']
+    """
+
+    def __init__(self, device: torch.device, start: float | None = None):
+        self.device = torch.device(device)
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter() if start is None else start
+        self.last = self.start
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        """Seconds since ``start``."""
+        return time.perf_counter() - self.start

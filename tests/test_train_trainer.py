@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from fastcascade.config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
 from fastcascade.io.checkpoint import load_cascade, load_training_checkpoint, save_cascade
+from fastcascade.io.scan import load_scan
 from fastcascade.model.unet3d import UNet3D
 from fastcascade.ops.intensity import apply_window
 from fastcascade.ops.resample import resample
-from fastcascade.train.dataset import NiftiSource, PhantomSource, Volume, to_working_grid
+from fastcascade.train.dataset import NiftiSource, PhantomSource, Volume
 from fastcascade.train.finetune import adapt_state, finetune
 from fastcascade.train.trainer import checkpoint_path, stage1_candidates, train_stage
 
@@ -427,10 +428,11 @@ def test_phantom_resampled_to_working_grid():
     assert torch.equal(v.labels, resample(labels, (10, 9, 16), mode="nearest"))
 
 
-def test_to_working_grid_is_a_no_op_on_the_grid():
+def test_working_grid_is_a_no_op_on_the_grid():
     image, labels = _volume(2)
-    out = to_working_grid(image, labels, (3.0, 3.0, 3.0), (3.0, 3.0, 3.0))
-    assert torch.equal(out[0], image) and torch.equal(out[1], labels)
+    grid = load_scan(image, spacing=(3.0, 3.0, 3.0)).working_grid((3.0, 3.0, 3.0))
+    assert grid.spacing == (3.0, 3.0, 3.0)
+    assert torch.equal(grid.image(), image) and torch.equal(grid.labels_from_input(labels), labels)
 
 
 def _write_nifti(tmp_path, flip_x=True):

@@ -9,6 +9,13 @@ axis permutation are applied, the closest ones to the input's affine (nibabel's
 change exactly. Both directions use ``torch.flip``/``permute`` only: a CUDA tensor stays
 on its device.
 
+A scan owns both of its grids. ``Scan.working_grid(spacing)`` gives the
+:class:`WorkingGrid` a model works on (same field of view, the model's voxel size) and
+the way there and back: the image by linear interpolation, reference labels by nearest
+neighbour, and results back onto the input's own grid (labels nearest, probabilities
+linear, then the input's orientation). Inference, training data and evaluation all go
+through it, so the round trip is written once.
+
 Label-map rule: a volume is refused as a label map when all its values are whole numbers,
 the smallest is ≥ 0 and it holds between 2 and ``LABEL_MAP_MAX_VALUES`` (128) distinct
 values. A CT in HU always has voxels below 0 (air about -1000 HU around the body, fat,
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 from nibabel import orientations
 
+from ..ops.resample import resample, working_shape
 from .nifti import load_nifti, read_voxels, spatial_shape
 
 #: Orientation of every ``Scan.data``.
@@ -108,6 +116,65 @@ class Scan:
                 f"{', '.join(map(str, self.input_shape))}) on the input's grid"
             )
         return _to_canonical(t, self._orientation())
+
+    def working_grid(self, spacing: tuple[float, float, float]) -> WorkingGrid:
+        """The grid of ``spacing`` mm voxels over this scan's field of view.
+
+        >>> scan = load_scan(np.full((8, 8, 4), -1000.0, np.float32), spacing=(1.5, 1.5, 3.0))
+        >>> scan.working_grid((3.0, 3.0, 3.0)).shape
+        (4, 4, 4)
+        """
+        return WorkingGrid(self, *_working_geometry(tuple(self.data.shape), self.spacing, spacing))
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """A scan's working grid: ``shape`` voxels of ``spacing`` mm over the scan's field of
+    view, in canonical RAS.
+
+    ``spacing`` is what the rounding of voxel counts achieves (extent / count per axis;
+    the scan's own spacing where the count is unchanged), which is the requested spacing
+    up to that rounding. Moves between the grids (any device; leading dims kept):
+
+    - :meth:`image`: the scan's HU on this grid (linear), on ``device``: the one upload;
+    - :meth:`labels_from_input`: labels on the input's grid → this grid (nearest);
+    - :meth:`labels_to_input` / :meth:`probabilities_to_input`: results on this grid →
+      the input's own grid and orientation (nearest / linear).
+    """
+
+    scan: Scan
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+    def image(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 ``(x, y, z)`` HU on this grid, on ``device`` (default: the scan's)."""
+        data = self.scan.data if device is None else self.scan.data.to(device, non_blocking=True)
+        return resample(data, self.shape, mode="linear")
+
+    def labels_from_input(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(..., i, j, k)`` labels on the input's grid → ``(..., x, y, z)`` here, same
+        dtype (e.g. a reference segmentation for training)."""
+        return resample(self.scan.from_input_grid(labels), self.shape, mode="nearest")
+
+    def labels_to_input(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(..., x, y, z)`` labels here → the input's grid and orientation, same dtype."""
+        canonical = resample(labels, tuple(self.scan.data.shape), mode="nearest")
+        return self.scan.to_input_grid(canonical)
+
+    def probabilities_to_input(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """``(C, x, y, z)`` probabilities here → float32 on the input's grid."""
+        canonical = resample(probabilities, tuple(self.scan.data.shape), mode="linear")
+        return self.scan.to_input_grid(canonical)
+
+
+def _working_geometry(
+    shape: tuple[int, int, int], spacing: tuple[float, ...], target: tuple[float, ...]
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    out = working_shape(shape, spacing, target)
+    achieved = tuple(
+        float(s) if m == n else n * s / m for n, s, m in zip(shape, spacing, out, strict=True)
+    )
+    return out, achieved
 
 
 def load_scan(

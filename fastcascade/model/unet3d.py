@@ -51,11 +51,11 @@ class UNet3D(nn.Module):
     Output: logits ``(N, num_classes, *output_size(input))``. With the defaults a
     132x132x116 tile gives 44x44x28 voxels.
 
-    Parameter count for K = 8: 19,074,120 (convolutions with bias, BatchNorm with a scale
-    and a shift per channel, up-convolutions with bias). The paper states 19,069,955;
-    the 4,165 (0.02%) between them are bookkeeping of the original Caffe model that the
-    paper does not spell out (without BatchNorm's affine parameters the count is
-    19,069,448, without convolution biases 19,071,784); the architecture is the same.
+    Parameters: convolutions with bias, BatchNorm with a scale and a shift per channel,
+    up-convolutions with bias. For K = 8 the count is within 0.02% of the paper's
+    19,069,955 (``tests/test_model_unet3d.py`` checks it against a hand formula); no
+    single choice of biases or BatchNorm affine parameters reproduces the paper's exact
+    figure, whose bookkeeping the paper does not spell out; the architecture is the same.
 
     >>> net = UNet3D(num_classes=8).eval()
     >>> net.output_size((132, 132, 116))

@@ -8,8 +8,8 @@ Three implementations of hole filling and connected-component labelling, one res
 ``cupy``   ``cupyx.scipy.ndimage.label`` on the tensor's GPU, shared with PyTorch through
            DLPack (no copy, PyTorch's current stream); needs ``fastcascade[gpu]``.
 ``torch``  labelling in PyTorch ops on the tensor's device (below), for a GPU without
-           CuPy. It runs on the CPU too, where it is about 10x slower than SciPy, so that
-           the tests prove it there.
+           CuPy. It runs on the CPU too, slower than SciPy there
+           (``benchmarks/bench_morphology.py`` times both), so that the tests prove it.
 
 ``backend="auto"`` takes ``scipy`` for a CPU tensor, and for a CUDA tensor ``cupy`` where
 CuPy is installed, else ``torch``: on a GPU nothing leaves the device.
@@ -22,10 +22,10 @@ component, whose label is never larger). Labels only decrease and stay inside th
 component, so the loop ends, and when a round changes nothing every run, hence every
 component, holds one label: its minimum. Rounds run in groups of
 :data:`ROUNDS_PER_CHECK`; after each group one host sync asks whether its last round
-changed anything. Case A (122×101×112) needs 8 rounds for the in-plane background and 5
-for the 3D body (phantoms: 4 and 3-5; a 1.5 mm phantom of 244×202×224: 8 and 3): the
-body mask costs 3-4 syncs on this path (none with ``scipy``, whose round trip is one
-transfer each way; CuPy reads its component count internally, twice).
+changed anything. The number of rounds grows with the longest chain of runs a component
+needs (a handful on abdominal scans; the tests and ``benchmarks/bench_morphology.py``
+record the host reads): a few syncs on this path, none with ``scipy`` (whose round trip
+is one transfer each way), and CuPy reads its component count internally, twice.
 
 Exactness: every backend returns exactly what the SciPy reference returns (bit-exact
 masks); the tests also compare them with plain-Python flood fill and labelling.

@@ -23,7 +23,6 @@ import torch
 
 from ..io.nifti import load_nifti, map_labels, read_labels
 from ..io.scan import load_scan
-from ..ops.resample import resample, working_shape
 
 
 class Volume(NamedTuple):
@@ -33,32 +32,6 @@ class Volume(NamedTuple):
     labels: torch.Tensor
     spacing: tuple[float, float, float]
     key: str
-
-
-# -- resampling onto the working grid ---------------------------------------------------
-def to_working_grid(
-    image_hu: torch.Tensor,
-    labels: torch.Tensor,
-    spacing: Sequence[float],
-    target_spacing: Sequence[float],
-) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
-    """Resample a CT (linear) and its labels (nearest) from ``spacing`` to
-    ``target_spacing`` (mm, ``(x, y, z)``); a no-op where the spacings agree.
-
-    Returns float32 HU, uint8 labels and the achieved spacing (the extent divided by the
-    new voxel counts, which is ``target_spacing`` up to rounding of the counts).
-    """
-    spacing = tuple(float(s) for s in spacing)
-    target = tuple(float(s) for s in target_spacing)
-    image_hu = image_hu.float()
-    labels = labels.to(torch.uint8)
-    if np.allclose(spacing, target, rtol=1e-4, atol=0.0):
-        return image_hu, labels, spacing
-    out_shape = working_shape(tuple(image_hu.shape), spacing, target)
-    image = resample(image_hu, out_shape, mode="linear").float().contiguous()
-    lab = resample(labels, out_shape, mode="nearest").to(torch.uint8).contiguous()
-    achieved = tuple(n * s / m for n, s, m in zip(image_hu.shape, spacing, out_shape, strict=True))
-    return image, lab, achieved
 
 
 # -- phantoms -------------------------------------------------------------------------------
@@ -130,13 +103,10 @@ class PhantomSource:
         p = make_phantom(
             shape=self.shape, spacing=self.phantom_spacing, seed=seed, contrast=contrast
         )
-        image, labels, spacing = to_working_grid(
-            torch.as_tensor(np.asarray(p.image)),
-            torch.as_tensor(np.asarray(p.labels)),
-            p.spacing,
-            self.spacing,
-        )
-        return Volume(image, labels, spacing, f"phantom-{seed}-{contrast}")
+        scan = load_scan(torch.as_tensor(np.asarray(p.image)), spacing=p.spacing)
+        grid = scan.working_grid(self.spacing)
+        labels = grid.labels_from_input(torch.as_tensor(np.asarray(p.labels)).to(torch.uint8))
+        return Volume(grid.image(), labels, grid.spacing, f"phantom-{seed}-{contrast}")
 
     def _fill(self) -> None:
         while len(self._pool) < self.pool_size:
@@ -181,15 +151,19 @@ class PhantomSource:
 
 # -- NIfTI pairs ----------------------------------------------------------------------------
 def load_nifti_pair(
-    ct_path: str | Path, labels_path: str | Path, label_map: Mapping[int, int] | None = None
+    ct_path: str | Path,
+    labels_path: str | Path,
+    label_map: Mapping[int, int] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
-    """A CT and its label map brought to canonical RAS, read and checked as ``segment()``
-    reads scans (``io.scan.load_scan``) and ``evaluate`` reads labels (``io.nifti``).
+    """A CT and its label map on a working grid of ``spacing`` mm (default: the scan's
+    own), canonical RAS, read and checked as ``segment()`` reads scans
+    (``io.scan.load_scan``) and ``evaluate`` reads labels (``io.nifti``).
 
-    Returns float32 HU ``(x, y, z)`` (the file's scaling applied), uint8 labels on the
-    same grid (``label_map`` maps file ids onto class ids, every other id becoming 0;
-    without it the ids are kept and must fit in uint8) and the spacing in mm, taken from
-    the affine as at inference.
+    Returns float32 HU ``(x, y, z)`` (the file's scaling applied; linear), uint8 labels on
+    the same grid (nearest; ``label_map`` maps file ids onto class ids, every other id
+    becoming 0; without it the ids are kept and must fit in uint8) and the grid's spacing
+    in mm (``WorkingGrid.spacing``), the scan's taken from its affine as at inference.
     """
     scan = load_scan(ct_path)
     ids = read_labels(labels_path)
@@ -204,8 +178,9 @@ def load_nifti_pair(
         ids = map_labels(ids, label_map)
     elif ids.max(initial=0) > 255:
         raise ValueError(f"{labels_path} holds ids outside 0..255; pass a label_map")
-    labels = scan.from_input_grid(torch.from_numpy(ids.astype(np.uint8)))
-    return scan.data.contiguous(), labels.contiguous(), scan.spacing
+    grid = scan.working_grid(scan.spacing if spacing is None else tuple(spacing))
+    labels = grid.labels_from_input(torch.from_numpy(ids.astype(np.uint8)))
+    return grid.image(), labels, grid.spacing
 
 
 class NiftiSource:
@@ -243,8 +218,7 @@ class NiftiSource:
     def load(self, index: int) -> Volume:
         if index not in self._cache:
             ct, seg = self.pairs[index]
-            image, labels, spacing = load_nifti_pair(ct, seg, self.label_map)
-            image, labels, spacing = to_working_grid(image, labels, spacing, self.spacing)
+            image, labels, spacing = load_nifti_pair(ct, seg, self.label_map, self.spacing)
             self._cache[index] = Volume(image, labels, spacing, f"nifti-{index}-{ct.name}")
         return self._cache[index]
 

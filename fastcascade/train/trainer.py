@@ -93,9 +93,10 @@ def stage1_candidates(model: nn.Module, config: CascadeConfig, batch_tiles: int 
 
     Runs ``model`` in eval mode on its own device; the region comes back on the CPU.
     """
-    from ..cascade import CascadeOptions, candidate_region
+    from ..cascade import candidate_region
+    from ..options import InferenceOptions
 
-    options = CascadeOptions(batch_size=batch_tiles)
+    options = InferenceOptions(batch_size=batch_tiles)
     device = next(model.parameters()).device
 
     def fn(image_hu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
