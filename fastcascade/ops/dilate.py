@@ -1,6 +1,6 @@
 """Binary dilation by a ball of radius r: the candidate map C2 from stage 1's foreground.
 
-The structuring element (the package's candidate-map radius rule, README "Geometry"): the
+The structuring element (``docs/conventions.md``, "Geometry"): the
 offsets ``(i, j, k)`` with ``(i·sx)² + (j·sy)² + (k·sz)² ≤ (r·min(s))²``, i.e. a ball of
 radius r voxels on an isotropic grid and the ball of radius ``r × finest spacing`` mm, an
 ellipsoid in voxels, on an anisotropic one.

@@ -11,7 +11,7 @@ Callers pad the accumulator so that every tile lies inside it; voxels no tile co
 
 Exactness: on the CPU, the scatter path adds in the same order as the slice-add loop and
 matches it bit for bit; the tests allow a few ulp on probabilities and none on labels
-(README, "Exactness"). On a GPU, ``index_add_`` uses atomics, which add
+(``docs/conventions.md``, "Exactness"). On a GPU, ``index_add_`` uses atomics, which add
 in no fixed order: probabilities differ from the loop by a few ulp and labels only where
 the top two classes are that close.
 """
