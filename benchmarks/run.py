@@ -125,18 +125,18 @@ class Recorder:
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """``columns``: (header, key, format) triples; missing values print as ``–``."""
+    """``columns``: (header, key, format) triples; missing values print as ``–``. The
+    table of dict records, laid out by ``common.markdown_table``."""
 
     def cell(row, key, fmt):
         v = row.get(key)
         if v is None:
-            return "–"
+            return None
         return format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
 
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |"]
-    lines.append("|" + "---|" * len(columns))
-    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    header = [h for h, _, _ in columns]
+    cells = ([cell(r, k, f) for _, k, f in columns] for r in rows)
+    return common.markdown_table(header, cells) + "\n"
 
 
 # -- entry point -------------------------------------------------------------------------

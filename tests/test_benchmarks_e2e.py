@@ -10,15 +10,12 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fastcascade.config import CLASS_NAMES
-from fastcascade.evaluate import dice
 from fastcascade.io.checkpoint import save_cascade
 from fastcascade.model import UNet3D
-from fastcascade.model.unet3d import ConvBNReLU
 from fastcascade.train.commands import default_config
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -32,6 +29,13 @@ def e2e():
         import e2e as module
     finally:
         sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.fixture(scope="module")
+def e2e_measure(e2e):
+    import e2e_measure as module  # imported by e2e.py
+
     return module
 
 
@@ -70,7 +74,7 @@ def _run(e2e, tmp_path, model_path, cases, data=None):
 
 
 @pytest.mark.slow
-def test_phantom_small_report(e2e, tiny_model, tmp_path, monkeypatch):
+def test_phantom_small_report(e2e, e2e_measure, tiny_model, tmp_path, monkeypatch):
     model_path, _ = tiny_model
     on_disk = []  # records in the file after each write: the JSON is written as it goes
 
@@ -97,7 +101,7 @@ def test_phantom_small_report(e2e, tiny_model, tmp_path, monkeypatch):
     fast, every = records["fastcascade"], records["every_tile"]
     for r in (fast, every):
         assert r["case"] == "phantom_small" and r["shape"] == [61, 51, 56]
-        assert set(r["timings_s"]) == set(e2e.STEPS)
+        assert set(r["timings_s"]) == set(e2e_measure.STEPS)
         assert r["peak_memory_mb"] > 0 and r["host_syncs"] >= 1
         assert 0.0 < r["c1_fraction"] < 1.0 and 0.0 <= r["c2_fraction"] <= 1.0
         assert 0.0 <= r["dice_vs_reference"]["mean"] <= 1.0
@@ -143,66 +147,3 @@ def test_case_a_reference_dice(e2e, tiny_model, tmp_path, case_a_paths):
         assert set(per_class) == set(CLASS_NAMES[1:])
         # Every mapped organ is present in the reference, so no class is undefined.
         assert all(v is not None and 0.0 <= v <= 1.0 for v in per_class.values())
-
-
-@pytest.mark.parametrize("spacing_mm", [0.8, 1.5], ids=["0.8mm", "1.5mm"])
-def test_resample_to_spacing_keeps_field_of_view(e2e, spacing_mm):
-    """The outer voxel edges of the resampled grid land where the input's are, in world
-    coordinates, for an oblique-free affine with a flip and an offset; values of a linear
-    ramp are reproduced where trilinear interpolation is exact."""
-    shape, spacing = (12, 10, 7), (3.0, 3.0, 2.5)
-    affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = [40.0, -25.0, 7.0]
-    x = np.arange(shape[0], dtype=np.float32)[:, None, None]
-    volume = np.broadcast_to(2.0 * x + 0.0, shape).astype(np.float32)
-
-    fine, fine_affine, fine_shape = e2e.resample_to_spacing(volume, affine, spacing_mm)
-
-    expected_shape = tuple(
-        int(math.floor(n * s / spacing_mm + 0.5)) for n, s in zip(shape, spacing, strict=True)
-    )
-    assert fine_shape == expected_shape == fine.shape
-    for corner in (np.zeros(3), np.array(shape, float)):
-        edge_in = affine @ np.append(corner - 0.5, 1.0)
-        fine_corner = np.where(corner > 0, np.array(fine_shape, float), 0.0)
-        edge_out = fine_affine @ np.append(fine_corner - 0.5, 1.0)
-        np.testing.assert_allclose(edge_out, edge_in, atol=1e-9)
-    # Inside the first and last half input voxel the ramp is clamped; elsewhere exact.
-    pos = (np.arange(fine_shape[0]) + 0.5) * shape[0] / fine_shape[0] - 0.5
-    inner = (pos >= 0) & (pos <= shape[0] - 1)
-    np.testing.assert_allclose(fine[inner, 0, 0], 2.0 * pos[inner], atol=1e-4)
-
-
-@pytest.mark.parametrize("slab", [1, 3, 64], ids=["slab1", "slab3", "slab-whole"])
-def test_dice_slabs_matches_evaluate_dice(e2e, slab):
-    rng = np.random.default_rng(0)
-    ref = rng.integers(0, 5, size=(7, 5, 4)).astype(np.uint8)
-    pred = np.where(rng.random(ref.shape) < 0.3, rng.integers(0, 5, ref.shape), ref)
-    pred = pred.astype(np.uint8)
-    pred[pred == 4] = 0  # class 4 present in the reference only: Dice 0
-    ref[ref == 3] = 1  # class 3 present in the prediction only: Dice 0
-    ref[ref == 2] = 1  # class 2 likewise ...
-    pred[pred == 2] = 1  # ... and absent from both after this: NaN
-    expected = dice(pred, ref, 6)
-    got = e2e.dice_slabs(pred, ref, 6, slab=slab)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
-    np.testing.assert_allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=1e-12)
-    assert np.isnan(got[2]) and np.isnan(got[5]) and got[3] == 0 and got[4] == 0
-
-
-def test_torch_only_network_matches_and_has_no_fused_blocks(e2e):
-    torch.manual_seed(1)
-    net = UNet3D(1, 3, 2, 2, "same").eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    plain = e2e.torch_only(net).eval()
-    blocks = sum(isinstance(m, ConvBNReLU) for m in net.modules())
-    assert blocks == 6  # 2 encoder levels + 1 decoder level, two blocks each
-    assert sum(isinstance(m, e2e.TorchConvBNReLU) for m in plain.modules()) == blocks
-    assert not any(isinstance(m, ConvBNReLU) for m in plain.modules())
-    x = torch.randn(2, 1, 8, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(plain(x), net(x), rtol=0, atol=0)
