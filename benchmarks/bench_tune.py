@@ -17,6 +17,7 @@ from bench_kernels import CPU_TILE, PAPER_TILE, Layer, _padding, _random_block, 
 from run import markdown_table, measure
 
 from fastcascade.ops import conv_bn_relu as cbr
+from fastcascade.ops.conv_bn_relu import kernel
 
 
 def summarize(data: dict) -> str:
@@ -98,7 +99,7 @@ def _total_ms(inputs, run_one, *, cuda: bool, reps: int) -> float:
 def _ours(cfg: dict):
     def run_one(m, x):
         f = cbr.folded(m, x.dtype)
-        return cbr._launch(x, f.packed, f.bias32, _padding(m), "tf32", cfg)
+        return kernel._launch(x, f.packed, f.bias32, _padding(m), "tf32", cfg)
 
     return run_one
 
