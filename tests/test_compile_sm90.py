@@ -56,8 +56,7 @@ class Variant:
 
 
 def _variants() -> list[Variant]:
-    from fastcascade.ops.conv_bn_relu import candidate_configs
-    from fastcascade.ops.conv_configs import CONFIGS
+    from fastcascade.ops.conv_bn_relu import CONFIGS, candidate_configs
 
     # Every committed layer shape in bf16 (what the table is tuned for), then the other
     # dtypes, modes, same padding and int64 sizes on a few shapes, first layer included.

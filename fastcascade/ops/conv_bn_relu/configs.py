@@ -1,13 +1,88 @@
 """Block configurations of the kernel: the committed per-shape table, the defaults for
 shapes not in it, the candidates a tuning run times, and opt-in run-time autotuning.
+
+The committed table, ``table.json`` beside this module, says how each conv-BN-ReLU layer
+shape runs on a GPU in eval mode; it is loaded at import into :data:`CONFIGS` and
+:data:`TUNED_ON`. It is keyed by layer shape ``(in_channels, out_channels)`` (3x3x3
+kernels, stride 1). Each entry names the provider that runs it (``"triton"``:
+fastcascade's fused kernel with the block sizes given; ``"cudnn"``:
+``torch.cudnn_convolution_relu`` with BatchNorm folded) and the kernel's block
+configuration for 16-bit inputs (fp32 inputs halve ``BLOCK_K``). The entries cover every
+layer of ``UNet3D`` with base widths 8, 16 and 32 (four levels, the paper's network being
+base 32); other shapes get :func:`default_config`.
+
+``"tuned": false`` marks a default that has not been measured: such a layer runs cuDNN,
+the faster of PyTorch's paths, until ``benchmarks/gpu_check.sh --area tune`` has timed
+our kernel's candidates (:func:`candidate_configs`, bf16) against it on a GPU and
+rewritten the table with the winners. ``"tuned_on"`` names the device, date and PyTorch
+version of that run; it is ``null`` while untuned. Run-time autotuning is opt-in
+(``FASTCASCADE_AUTOTUNE=1``).
+
+The file is ``{"tuned_on": str | null, "configs": [entry, ...]}``, each entry an object
+with ``in_channels``, ``out_channels`` and the :data:`FIELDS`. :func:`dump_table` writes
+it (entries sorted by shape, fields in a fixed order, one entry a line), so that a
+rewritten table differs from the committed one only where an entry changed;
+:func:`load_table` reads it back. The choice of provider and block sizes reads this
+module's :data:`CONFIGS` when called: replace that (not the package's re-export of it)
+to change what runs.
+
+>>> CONFIGS[(64, 64)]["provider"] in ("triton", "cudnn")
+True
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from .. import _backend
-from ..conv_configs import CONFIGS
+
+#: The committed table, installed as package data beside this module.
+TABLE_PATH = Path(__file__).with_name("table.json")
+
+#: The fields of a table entry besides its shape, in the order the file lists them.
+FIELDS = ("provider", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "tuned")
+
+
+# -- the committed table ----------------------------------------------------------------
+def load_table(path: str | Path = TABLE_PATH) -> tuple[dict[tuple[int, int], dict], str | None]:
+    """Read a table written by :func:`dump_table`: ``({(C_in, C_out): entry}, tuned_on)``,
+    the entries in the file's order, each a dict of the :data:`FIELDS`."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or set(data) != {"tuned_on", "configs"}:
+        raise ValueError(f"{path}: expected an object with 'tuned_on' and 'configs'")
+    expected = {"in_channels", "out_channels", *FIELDS}
+    configs: dict[tuple[int, int], dict] = {}
+    for i, entry in enumerate(data["configs"]):
+        if not isinstance(entry, dict) or set(entry) != expected:
+            got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"{path}: entry {i} must have the keys {sorted(expected)}, got {got}")
+        key = (entry["in_channels"], entry["out_channels"])
+        if key in configs:
+            raise ValueError(f"{path}: layer shape {key} appears twice")
+        configs[key] = {k: entry[k] for k in FIELDS}
+    return configs, data["tuned_on"]
+
+
+def dump_table(configs: dict[tuple[int, int], dict], tuned_on: str | None) -> str:
+    """The text of ``table.json`` for ``configs`` ``{(C_in, C_out): entry}`` (each entry
+    holding at least the :data:`FIELDS`) and ``tuned_on``; the same input always gives
+    the same text."""
+    rows = []
+    for cin, cout in sorted(configs):
+        entry = {"in_channels": cin, "out_channels": cout}
+        entry.update((k, configs[(cin, cout)][k]) for k in FIELDS)
+        rows.append("    " + json.dumps(entry))
+    body = ",\n".join(rows)
+    return f'{{\n  "tuned_on": {json.dumps(tuned_on)},\n  "configs": [\n{body}\n  ]\n}}\n'
+
+
+#: ``{(C_in, C_out): entry}`` from ``table.json``, and the device and date of the tuning
+#: run that wrote it (None while untuned).
+CONFIGS, TUNED_ON = load_table()
 
 #: Under TRITON_INTERPRET=1 programs run one after another in Python: few, large ones.
 INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
