@@ -267,7 +267,7 @@ def bench_tile(net, tile, batch, dtype_name, rec, *, cuda, peaks, compile_it, re
 
     def through(configs=None, eager=False):
         def fn():
-            with _patched(cbr, "CONFIGS", configs if configs is not None else cbr.CONFIGS):
+            with _patched(cbr.configs, "CONFIGS", configs if configs is not None else cbr.CONFIGS):
                 if eager:
                     with _patched(unet3d, "conv_bn_relu", _eager_block):
                         return run()

@@ -2,9 +2,10 @@
 
 For every layer shape of the committed table, at most 8 block configurations of our
 kernel in bf16 against cuDNN fused, at the shape's occurrences in a 132x132x116 tile; the
-winner per shape goes into ``fastcascade/ops/conv_configs.py`` (in OUTDIR, and into the
-package so that later areas of the same run use it: commit it with the results). A
-candidate whose result disagrees with PyTorch's is recorded as an error, never chosen.
+winner per shape goes into ``table.json`` (in OUTDIR, and on a GPU into the package,
+``fastcascade/ops/conv_bn_relu/table.json``, so that later areas of the same run use it:
+commit it with the results). A candidate whose result disagrees with PyTorch's is
+recorded as an error, never chosen.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from bench_kernels import CPU_TILE, PAPER_TILE, Layer, _padding, _random_block, 
 from run import markdown_table, measure
 
 from fastcascade.ops import conv_bn_relu as cbr
+from fastcascade.ops.conv_bn_relu import configs as cbr_configs
+from fastcascade.ops.conv_bn_relu import kernel
 
 
 def summarize(data: dict) -> str:
@@ -59,19 +62,9 @@ def _ms(record: dict) -> float:
 
 # -- tuning ---------------------------------------------------------------------------------
 def write_table(path: Path, configs: dict, tuned_on: str | None) -> None:
-    """Rewrite ``conv_configs.py`` at ``path``: its docstring kept, the table replaced."""
-    source = Path(cbr.__file__).with_name("conv_configs.py").read_text()
-    header = source.split("#: Device and date")[0]
-    keys = ("provider", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "tuned")
-    lines = [
-        header + "#: Device and date of the tuning run that wrote this table; None while untuned."
-    ]
-    lines.append(f"TUNED_ON = {tuned_on!r}\n\n# fmt: off\nCONFIGS = {{")
-    for shape in sorted(configs):
-        entry = ", ".join(f"{k!r}: {configs[shape][k]!r}" for k in keys).replace("'", '"')
-        lines.append(f"    {shape!r}: {{{entry}}},  # noqa: E501")
-    lines.append("}\n# fmt: on\n")
-    Path(path).write_text("\n".join(lines))
+    """Write the table ``configs`` ``{(C_in, C_out): entry}`` as ``table.json`` at ``path``,
+    in the format the package loads (``fastcascade.ops.conv_bn_relu.configs``)."""
+    Path(path).write_text(cbr_configs.dump_table(configs, tuned_on))
 
 
 def _tune_layers(quick: bool, cpu: bool) -> dict[tuple[int, int], list[Layer]]:
@@ -98,7 +91,7 @@ def _total_ms(inputs, run_one, *, cuda: bool, reps: int) -> float:
 def _ours(cfg: dict):
     def run_one(m, x):
         f = cbr.folded(m, x.dtype)
-        return cbr._launch(x, f.packed, f.bias32, _padding(m), "tf32", cfg)
+        return kernel._launch(x, f.packed, f.bias32, _padding(m), "tf32", cfg)
 
     return run_one
 
@@ -170,7 +163,7 @@ def run_tune(args, rec) -> None:
         entry.update(provider=provider, tuned=cuda)
         table[(cin, cout)] = entry
         print(f"  {cin}→{cout}: {provider} {t:.3f} ms {cfg or ''}")
-    out = Path(args.out) / "conv_configs.py"
+    out = Path(args.out) / "table.json"
     tuned_on = None
     if cuda:
         date = datetime.date.today().isoformat()
@@ -179,6 +172,6 @@ def run_tune(args, rec) -> None:
     print(f"tuned table: {out}")
     if cuda:
         # The editable install reads the package's table: later areas of this run use it.
-        target = Path(cbr.__file__).with_name("conv_configs.py")
+        target = cbr_configs.TABLE_PATH
         write_table(target, table, tuned_on)
         print(f"written to {target}: commit it with the results")

@@ -17,7 +17,7 @@
 #   --cpu    dry run on a CPU: install checked with pip --dry-run, the CPU proofs run
 #            instead of the GPU tests (Triton interpreter, sm_90 compile), benchmarks tiny
 #   all      = kernels cascade training; tune is a separate step (it rewrites
-#            fastcascade/ops/conv_configs.py; commit that file with OUTDIR's JSON)
+#            fastcascade/ops/conv_bn_relu/table.json; commit that file with OUTDIR's JSON)
 #   E2E_ARGS extra options for benchmarks/e2e.py in the cascade area (environment), e.g.
 #            E2E_ARGS="--cases case_a" for a shorter run
 #
@@ -186,7 +186,7 @@ echo; echo "=== summary ($OUT)"
 if [ "$CPU" = 0 ]; then
   slug="$("$PY" -c 'import json,re,sys; d=json.load(open(sys.argv[1])); print(re.sub(r"[^A-Za-z0-9]+","-",d["device"]).strip("-")+"_"+d["date"][:10])' "$OUT/env.json" 2>/dev/null)"
   echo; echo "to commit: mkdir -p benchmarks/results/$slug && cp $OUT/*.json $OUT/*.md benchmarks/results/$slug/"
-  echo "           (after --area tune, also fastcascade/ops/conv_configs.py from $OUT)"
+  echo "           (after --area tune, also fastcascade/ops/conv_bn_relu/table.json from $OUT)"
 fi
 echo; printf '%s\n' "${STEPS[@]}"
 [ "$FAILED" = 0 ] && echo "gpu_check: all steps passed" || echo "gpu_check: some steps FAILED (see above and $OUT/gpu_check.log)"

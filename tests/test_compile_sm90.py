@@ -56,8 +56,7 @@ class Variant:
 
 
 def _variants() -> list[Variant]:
-    from fastcascade.ops.conv_bn_relu import candidate_configs
-    from fastcascade.ops.conv_configs import CONFIGS
+    from fastcascade.ops.conv_bn_relu import CONFIGS, candidate_configs
 
     # Every committed layer shape in bf16 (what the table is tuned for), then the other
     # dtypes, modes, same padding and int64 sizes on a few shapes, first layer included.
@@ -95,14 +94,15 @@ def compile_variant(v: Variant):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastcascade.ops import conv_bn_relu as cbr
+    from fastcascade.ops.conv_bn_relu import configs as cbr_configs
+    from fastcascade.ops.conv_bn_relu import kernel as cbr_kernel
 
-    kernel = cbr._conv3x3x3_bias_relu_kernel
-    cfg = cbr.kernel_config(v.cin, v.cout, v.dtype)
+    kernel = cbr_kernel._conv3x3x3_bias_relu_kernel
+    cfg = cbr_configs.kernel_config(v.cin, v.cout, v.dtype)
     if v.config:
         keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
         cfg = dict(zip(keys, v.config, strict=True))
-    constexprs = cbr._constexprs(v.cin, v.padding, v.dtype, v.precision, cfg)
+    constexprs = cbr_kernel._constexprs(v.cin, v.padding, v.dtype, v.precision, cfg)
     shrink = 0 if v.padding == "same" else 2
     xi, yi, zi = SIZE
     xo, yo, zo = (s - shrink for s in SIZE)

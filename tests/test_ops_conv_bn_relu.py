@@ -19,9 +19,11 @@ from fastcascade.ops import _backend
 from fastcascade.ops import conv_bn_relu as cbr
 from fastcascade.ops.conv_bn_relu import (
     FoldedConv,
+    configs,
     conv_bn_relu,
     conv_bn_relu_ref,
     fold_bn,
+    kernel,
     pack_weight,
 )
 
@@ -87,12 +89,12 @@ def naive_conv_bn_relu(x, w, b, gamma, beta, mean, var, eps, padding):
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Every kernel output buffer starts as NaN, so a voxel the kernel skips fails."""
-    empty = cbr._empty_channels_last
+    empty = kernel._empty_channels_last
 
     def poisoned(shape, like):
         return empty(shape, like).fill_(float("nan"))
 
-    monkeypatch.setattr(cbr, "_empty_channels_last", poisoned)
+    monkeypatch.setattr(kernel, "_empty_channels_last", poisoned)
 
 
 def module_for(case: Case, seed: int = 0) -> ConvBNReLU:
@@ -497,14 +499,14 @@ def test_gpu_fp32_exact_and_tf32(case, nan_outputs):
 def test_gpu_opt_in_autotuning(monkeypatch):
     _needs_cuda()
     monkeypatch.setattr(_backend, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(cbr, "_AUTOTUNED", {})
+    monkeypatch.setattr(configs, "_AUTOTUNED", {})
     case = Case(1, 32, 64, (20, 18, 16), "valid")
     x, params = make_params(case)
     ref = conv_bn_relu_ref(x, *params[:6], params[6], "valid").cuda()
     w, b = fold_bn(*params)
     x_cl = x.cuda().to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
     y = conv_bn_relu(x_cl, (w.cuda(), b.cuda()), "valid", backend="triton")
-    assert len(cbr._AUTOTUNED) == 1
+    assert len(configs._AUTOTUNED) == 1
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
 
 
@@ -582,7 +584,7 @@ def _check_whole_network(hu: torch.Tensor, monkeypatch) -> None:
         with bf16:
             results["table"] = net(x).double()
             all_triton = {k: {**v, "provider": "triton"} for k, v in cbr.CONFIGS.items()}
-            monkeypatch.setattr(cbr, "CONFIGS", all_triton)
+            monkeypatch.setattr(configs, "CONFIGS", all_triton)
             results["triton"] = net(x).double()
     errs = {k: _rel_err(v, ref) for k, v in results.items()}
     agree = {k: (v.argmax(1) == ref.argmax(1)).double().mean().item() for k, v in results.items()}
