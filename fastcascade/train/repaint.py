@@ -88,6 +88,9 @@ and approximations):
   the parenchymal values, and case A's kidneys, spleen and pancreas still lie a little
   below the non-contrast row (which ``apply_repaint`` then lifts to it).
 
+The references are cited as remembered, without access to the papers where this
+was written: check volume and page numbers before quoting them elsewhere.
+
 Not modelled: the dense inflow of undiluted contrast in the SVC/brachiocephalic vein on
 the injection side in the arterial phase (all systemic veins take the ``vein`` row),
 excreted contrast in the collecting system and bladder, the heart's chambers (unchanged),

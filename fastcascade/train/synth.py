@@ -118,6 +118,9 @@ classification system", Urology 66:484-488; case A's measured label means (see
 ``shared/data/README.md``). The ranges are rounded textbook values widened to whole-label
 means (partial volume), approximations chosen to cover real scans, not fits.
 
+The references are cited as remembered, without access to the papers where this
+was written: check volume and page numbers before quoting them elsewhere.
+
 Shapes, dtypes and units: ``label_map`` ``(x, y, z)`` of an integer dtype (ids as in the
 source's label map; every nonzero id must be in ``names``; the structure -> class mapping
 happens elsewhere); ``original_hu`` ``(x, y, z)`` real HU on the same grid and device, or
