@@ -95,8 +95,8 @@ from fastcascade.config import (  # noqa: E402
 from fastcascade.demo import case_a_reference  # noqa: E402
 from fastcascade.diagnostics import SyncCounter  # noqa: E402
 from fastcascade.evaluate import confusion_matrix, dice_from_confusion  # noqa: E402
-from fastcascade.io.checkpoint import load_cascade, model_paths  # noqa: E402
 from fastcascade.model import UNet3D  # noqa: E402
+from fastcascade.model.checkpoint import load_cascade, model_paths  # noqa: E402
 from fastcascade.model.unet3d import ConvBNReLU  # noqa: E402
 from fastcascade.ops.morphology import resolve_backend as resolve_body_mask_backend  # noqa: E402
 from fastcascade.ops.resample import resample, working_shape  # noqa: E402

@@ -18,9 +18,9 @@ import torch
 
 from .cascade import CascadeOptions, run_cascade
 from .config import CascadeConfig
-from .io.checkpoint import load_cascade
 from .io.scan import load_scan
 from .model import UNet3D
+from .model.checkpoint import load_cascade
 from .ops.resample import resample, working_shape
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"

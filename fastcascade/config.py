@@ -1,7 +1,7 @@
 """The model's saved configuration: classes, working grid, windows, r, tiles, architecture.
 
 Everything a trained cascade needs besides its weights lives here and travels with them
-(``io/checkpoint.py`` writes it as JSON beside the safetensors file). The class list is
+(``model/checkpoint.py`` writes it as JSON beside the safetensors file). The class list is
 defined once, here, and read everywhere else.
 
 Geometry used throughout the package: volumes are indexed ``(x, y, z)`` in the canonical

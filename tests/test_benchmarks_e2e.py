@@ -16,8 +16,8 @@ import torch
 
 from fastcascade.config import CLASS_NAMES
 from fastcascade.evaluate import dice
-from fastcascade.io.checkpoint import save_cascade
 from fastcascade.model import UNet3D
+from fastcascade.model.checkpoint import save_cascade
 from fastcascade.model.unet3d import ConvBNReLU
 from fastcascade.train.commands import default_config
 

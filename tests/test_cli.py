@@ -246,8 +246,8 @@ def test_segment_failed_write_keeps_the_old_output(ct_file, fake, tmp_path, monk
 def test_segment_end_to_end(tmp_path, capsys):
     """The real cascade (tiny random model) through the CLI, on a RAS and an LPS copy."""
     from fastcascade.config import Architecture, CascadeConfig, StageConfig
-    from fastcascade.io.checkpoint import save_cascade
     from fastcascade.model import UNet3D
+    from fastcascade.model.checkpoint import save_cascade
 
     arch = Architecture(num_classes=len(CLASS_NAMES), base_channels=4, levels=2, padding="same")
     config = CascadeConfig(

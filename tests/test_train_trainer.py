@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastcascade.config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
-from fastcascade.io.checkpoint import load_cascade, load_training_checkpoint, save_cascade
+from fastcascade.model.checkpoint import load_cascade, load_training_checkpoint, save_cascade
 from fastcascade.model.unet3d import UNet3D
 from fastcascade.ops.intensity import apply_window
 from fastcascade.ops.resample import resample

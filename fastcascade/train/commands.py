@@ -163,7 +163,7 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..io.checkpoint import save_cascade
+    from ..model.checkpoint import save_cascade
     from .trainer import ground_truth_candidates, stage1_candidates, train_stage
 
     _setup(args)
@@ -202,7 +202,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         names = json.loads(Path(classes).read_text())
     else:
         names = [c.strip() for c in classes.split(",") if c.strip()]
-    from ..io.checkpoint import load_config
+    from ..model.checkpoint import load_config
 
     spacing = load_config(args.model).spacing
     finetune(

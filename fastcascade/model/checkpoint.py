@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..config import CascadeConfig
-from ..model.unet3d import UNet3D
-from .atomic import atomic_write
+from ..io.atomic import atomic_write
+from .unet3d import UNet3D
 
 FORMAT = "fastcascade-cascade"
 STAGES = ("stage1", "stage2")
