@@ -100,7 +100,7 @@ def load_config(path: str | Path) -> CascadeConfig:
     data = {k: v for k, v in data.items() if k != "format"}
     try:
         return CascadeConfig.from_dict(data)
-    except (KeyError, TypeError) as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path} does not follow the cascade config schema: {err}") from err
 
 
