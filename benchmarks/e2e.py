@@ -90,7 +90,6 @@ from fastcascade.config import (  # noqa: E402
     CLASS_NAMES,
     Architecture,
     CascadeConfig,
-    paper_config,
 )
 from fastcascade.demo import case_a_reference  # noqa: E402
 from fastcascade.diagnostics import SyncCounter  # noqa: E402
@@ -101,7 +100,7 @@ from fastcascade.model.unet3d import ConvBNReLU  # noqa: E402
 from fastcascade.ops.morphology import resolve_backend as resolve_body_mask_backend  # noqa: E402
 from fastcascade.ops.resample import resample, working_shape  # noqa: E402
 from fastcascade.phantom import make_phantom  # noqa: E402
-from fastcascade.train.commands import default_config  # noqa: E402
+from fastcascade.presets import default_config, paper_config  # noqa: E402
 
 CASES = ("phantom", "case_a", "case_a_08mm", "phantom_small")
 DEFAULT_CASES = ("phantom", "case_a", "case_a_08mm")

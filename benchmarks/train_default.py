@@ -25,7 +25,7 @@ import torch
 
 from fastcascade.model import UNet3D
 from fastcascade.model.checkpoint import save_cascade
-from fastcascade.train.commands import default_config
+from fastcascade.presets import default_config
 from fastcascade.train.dataset import PhantomSource
 from fastcascade.train.trainer import ground_truth_candidates, train_stage
 

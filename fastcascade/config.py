@@ -2,7 +2,8 @@
 
 Everything a trained cascade needs besides its weights lives here and travels with them
 (``model/checkpoint.py`` writes it as JSON beside the safetensors file). The class list is
-defined once, here, and read everywhere else.
+defined once, here, and read everywhere else; presets and dataset label maps are in
+``presets.py``.
 
 Geometry used throughout the package: volumes are indexed ``(x, y, z)`` in the canonical
 RAS orientation (first axis towards the patient's right, second anterior, third superior),
@@ -33,21 +34,6 @@ CLASS_NAMES: tuple[str, ...] = (
     "aorta",
     "inferior_vena_cava",
     "portal_splenic_vein",
-)
-
-#: Case A (TotalSegmentator v2 ids) onto ``CLASS_NAMES``; every other id is background.
-CASE_A_TO_CLASSES: dict[int, int] = {5: 1, 1: 2, 2: 3, 3: 4, 7: 5, 6: 6, 4: 7, 52: 8, 63: 9, 64: 10}
-
-#: The paper's own label set (K = 8), kept as an architecture preset.
-PAPER_CLASS_NAMES: tuple[str, ...] = (
-    "background",
-    "artery",
-    "vein",
-    "liver",
-    "spleen",
-    "stomach",
-    "gallbladder",
-    "pancreas",
 )
 
 AIR_HU = -1024.0
@@ -276,16 +262,3 @@ def _named(path: str, build: Callable[[], Any]) -> Any:
         return build()
     except (TypeError, ValueError) as e:
         raise ValueError(f"model config field {path}: {e}") from None
-
-
-def paper_config(class_names: tuple[str, ...] = PAPER_CLASS_NAMES) -> CascadeConfig:
-    """The paper's preset: its network (base 32, 4 levels, valid convolutions) on half of
-    a ~0.7 mm scan, 132x132x116 tiles, r = 3; K = 8 classes unless ``class_names`` says
-    otherwise."""
-    arch = Architecture(num_classes=len(class_names))
-    return CascadeConfig(
-        class_names=tuple(class_names),
-        spacing=(1.5, 1.5, 1.5),
-        stage1=StageConfig(window=(-1000.0, 1000.0), architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), architecture=arch),
-    )

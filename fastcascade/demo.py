@@ -17,9 +17,10 @@ import nibabel as nib
 import numpy as np
 
 from .api import segment
-from .config import CASE_A_TO_CLASSES, CLASS_NAMES
+from .config import CLASS_NAMES
 from .evaluate import dice
 from .io.nifti import map_labels
+from .presets import CASE_A_TO_CLASSES
 
 PHANTOM_SEED = 9001  # never used in training the default model
 

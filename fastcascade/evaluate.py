@@ -497,11 +497,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .io.atomic import atomic_write
-    from .io.nifti import read_label_map
+    from .presets import read_label_map
 
     if args.out is not None and args.out.is_dir():
         raise IsADirectoryError(f"--out {args.out} is a folder; expected a JSON file name")
-    label_map = read_label_map(args.label_map)
+    label_map = read_label_map(args.label_map, "--label-map")
     report = evaluate_cases(read_cases(args.csv), label_map, args.radii)
     print(report_markdown(report))
     if args.out is not None:

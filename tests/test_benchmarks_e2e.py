@@ -19,7 +19,7 @@ from fastcascade.evaluate import dice
 from fastcascade.model import UNet3D
 from fastcascade.model.checkpoint import save_cascade
 from fastcascade.model.unet3d import ConvBNReLU
-from fastcascade.train.commands import default_config
+from fastcascade.presets import default_config
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TILE = 24  # voxels; "same" padding, so input and output tiles are equal

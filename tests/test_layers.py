@@ -47,10 +47,31 @@ def _ids(paths: list[Path]) -> list[str]:
     return [str(p.relative_to(PACKAGE)) for p in paths]
 
 
+def _ours(path: Path) -> set[str]:
+    return {m for m in imported_modules(path) if m == "fastcascade" or m.startswith("fastcascade.")}
+
+
 @pytest.mark.parametrize("path", _files("io"), ids=_ids(_files("io")))
 def test_io_imports_nothing_from_model(path):
     bad = sorted(m for m in imported_modules(path) if m.startswith("fastcascade.model"))
     assert bad == [], f"{path.name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", _files("io"), ids=_ids(_files("io")))
+def test_io_imports_only_io(path):
+    """Files in and out know no config, preset, model or pipeline."""
+    bad = sorted(m for m in _ours(path) if not m.startswith("fastcascade.io"))
+    assert bad == [], f"{path.name} imports {bad}"
+
+
+def test_config_imports_nothing_of_the_package():
+    assert _ours(PACKAGE / "config.py") == set()
+
+
+def test_presets_build_on_config_only():
+    modules = _ours(PACKAGE / "presets.py")
+    assert "fastcascade.config" in modules
+    assert all(m.startswith("fastcascade.config") for m in modules), sorted(modules)
 
 
 def test_imported_modules_resolves_relative_imports():

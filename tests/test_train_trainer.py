@@ -498,7 +498,7 @@ def test_training_pairs_are_read_like_scans_at_inference(tmp_path):
 
 
 def test_nifti_source_case_a(case_a_paths):
-    from fastcascade.config import CASE_A_TO_CLASSES
+    from fastcascade.presets import CASE_A_TO_CLASSES
 
     src = NiftiSource([case_a_paths], CASE_A_TO_CLASSES, spacing=(3.0, 3.0, 3.0))
     v = src.draw()
@@ -542,8 +542,7 @@ def test_train_command_on_nifti_pairs(tmp_path):
 
 
 def test_read_pairs_and_label_maps(tmp_path):
-    from fastcascade.config import CASE_A_TO_CLASSES
-    from fastcascade.io.nifti import read_label_map
+    from fastcascade.presets import CASE_A_TO_CLASSES, read_label_map
     from fastcascade.train.commands import read_pairs
 
     (tmp_path / "a.csv").write_text("# cases\nx/ct.nii.gz, x/seg.nii.gz\n/abs/ct.nii,/abs/s.nii\n")
@@ -561,5 +560,7 @@ def test_read_pairs_and_label_maps(tmp_path):
         read_pairs(tmp_path / "d.csv")
     assert read_label_map("case_a") == CASE_A_TO_CLASSES
     assert read_label_map(None) is None and read_label_map("none") is None
-    with pytest.raises(ValueError, match="label-map"):
+    with pytest.raises(ValueError, match=r"label map must be one of \['case_a'\]"):
         read_label_map("no_such_map")
+    with pytest.raises(ValueError, match="--label-map must be one of"):
+        read_label_map("no_such_map", "--label-map")

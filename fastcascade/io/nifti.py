@@ -33,7 +33,6 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
-from ..config import CASE_A_TO_CLASSES
 from .atomic import atomic_outputs
 
 if TYPE_CHECKING:
@@ -171,31 +170,6 @@ def map_labels(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
     ids, inverse = np.unique(labels, return_inverse=True)  # huge or negative ids: no table
     mapped = np.array([label_map.get(int(i), 0) for i in ids], dtype=np.int64)
     return mapped[inverse].reshape(labels.shape)
-
-
-#: Label maps known by name (``--label-map``): file ids onto the classes of ``config``.
-LABEL_MAPS = {"case_a": CASE_A_TO_CLASSES}
-
-
-def read_label_map(value: str | None) -> dict[int, int] | None:
-    """``None``, a known name (``case_a``) or a JSON file ``{"file id": class id}``."""
-    if value is None or value == "none":
-        return None
-    if value in LABEL_MAPS:
-        return dict(LABEL_MAPS[value])
-    path = Path(value)
-    if not path.exists():
-        raise ValueError(
-            f"--label-map must be one of {sorted(LABEL_MAPS)}, 'none' or a JSON file; "
-            f"{value!r} is neither"
-        )
-    mapping = json.loads(path.read_text())
-    try:
-        return {int(k): int(v) for k, v in mapping.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise ValueError(
-            f'label map {path} must be a JSON object of integer ids, e.g. {{"5": 1}}'
-        ) from None
 
 
 def read_labels(path: PathLike) -> np.ndarray:

@@ -18,35 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
-from ..io.nifti import read_label_map
 from ..io.pathlist import read_path_rows
-
-
-def default_config(
-    base_channels: int = 8,
-    levels: int = 4,
-    padding: str = "same",
-    spacing: float = 3.0,
-    tile: int = 64,
-    class_names=CLASS_NAMES,
-) -> CascadeConfig:
-    """The default (small) model's config: stage 1 windowed to [-1000, 1000] HU, stage 2
-    to the soft-tissue window [-200, 400] HU, isotropic ``spacing`` mm, ``tile``³ voxels."""
-    arch = Architecture(
-        in_channels=1,
-        num_classes=len(class_names),
-        base_channels=base_channels,
-        levels=levels,
-        padding=padding,
-    )
-    tiles = (tile, tile, tile)
-    return CascadeConfig(
-        class_names=tuple(class_names),
-        spacing=(spacing, spacing, spacing),
-        stage1=StageConfig(window=(-1000.0, 1000.0), tile=tiles, architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=tiles, architecture=arch),
-    )
+from ..presets import default_config, read_label_map
 
 
 def read_pairs(csv_path: str | Path) -> list[tuple[Path, Path]]:
@@ -61,7 +34,8 @@ def _source(args, spacing, seed):
     from .dataset import NiftiSource, PhantomSource
 
     if args.csv is not None:
-        return NiftiSource(read_pairs(args.csv), read_label_map(args.label_map), spacing, seed)
+        label_map = read_label_map(args.label_map, "--label-map")
+        return NiftiSource(read_pairs(args.csv), label_map, spacing, seed)
     return PhantomSource(
         spacing,
         seed=seed,
@@ -106,12 +80,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=1000, help="per stage")
     p.add_argument("--iterations2", type=int, default=None, help="stage 2 (default: same)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    arch = p.add_argument_group("model")
-    arch.add_argument("--base-channels", type=int, default=8)
-    arch.add_argument("--levels", type=int, default=4)
-    arch.add_argument("--padding", choices=("same", "valid"), default="same")
-    arch.add_argument("--spacing", type=float, default=3.0, help="working grid, mm")
-    arch.add_argument("--tile", type=int, default=64, help="sub-volume edge, voxels")
+    # The defaults are the shipped model's recipe (presets.default_config).
+    preset = default_config()
+    shipped = preset.stage1.architecture
+    arch = p.add_argument_group("model (defaults: the shipped model's)")
+    arch.add_argument(
+        "--base-channels",
+        type=int,
+        default=shipped.base_channels,
+        help="width of the first convolution (default: %(default)s)",
+    )
+    arch.add_argument(
+        "--levels", type=int, default=shipped.levels, help="U-Net levels (default: %(default)s)"
+    )
+    arch.add_argument(
+        "--padding",
+        choices=("same", "valid"),
+        default=shipped.padding,
+        help="convolution padding (default: %(default)s)",
+    )
+    arch.add_argument(
+        "--spacing",
+        type=float,
+        default=preset.spacing[0],
+        help="working grid, mm (default: %(default)s)",
+    )
+    arch.add_argument(
+        "--tile",
+        type=int,
+        default=preset.stage1.tile[0],
+        help="sub-volume edge, voxels (default: %(default)s)",
+    )
     arch.add_argument(
         "--stage2-regions",
         choices=("stage1", "labels"),
