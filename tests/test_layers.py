@@ -77,3 +77,31 @@ def test_presets_build_on_config_only():
 def test_imported_modules_resolves_relative_imports():
     modules = imported_modules(PACKAGE / "model" / "checkpoint.py")
     assert {"fastcascade.io.atomic", "fastcascade.model.unet3d", "fastcascade.config"} <= modules
+
+
+ALL_FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
+def test_argument_parsing_only_in_the_cli(path):
+    if path.is_relative_to(PACKAGE / "cli"):
+        return
+    assert "argparse" not in imported_modules(path), f"{path.name} parses arguments"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
+def test_only_the_cli_and_the_module_runners_import_the_cli(path):
+    runners = {PACKAGE / "__main__.py", PACKAGE / "demo.py"}
+    if path.is_relative_to(PACKAGE / "cli") or path in runners:
+        return
+    bad = sorted(m for m in _ours(path) if m.startswith("fastcascade.cli"))
+    assert bad == [], f"{path.name} imports {bad}"
+
+
+def test_the_cli_imports_its_commands_explicitly():
+    """No importlib lookups of command modules that could turn a bug into a stub."""
+    init = PACKAGE / "cli" / "__init__.py"
+    modules = imported_modules(init)
+    assert "importlib" not in modules
+    for command in ("segment", "env", "phantom", "train", "evaluate", "demo"):
+        assert f"fastcascade.cli.{command}" in modules
