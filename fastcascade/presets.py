@@ -91,9 +91,11 @@ def default_config(
 ) -> CascadeConfig:
     """The shipped model's recipe: both stages ``UNet3D(base_channels, levels, padding)``
     on an isotropic ``spacing`` mm grid with ``tile``³ voxel tiles, stage 1 windowed to
-    [-1000, 1000] HU and stage 2 to the soft-tissue window [-200, 400] HU.
+    the whole CT range and stage 2 to a soft-tissue window (HU, see the code), on
+    ``class_names``.
 
-    With its defaults it equals the config of ``fastcascade/weights/default.json``.
+    With its defaults it equals the config of ``fastcascade/weights/default.json``
+    (``tests/test_presets.py`` checks it).
     """
     arch = Architecture(
         in_channels=1,

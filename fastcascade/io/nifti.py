@@ -249,9 +249,9 @@ def write_labels(
     device), each in ``[0, len(class_names))``. ``affine``: the input's 4x4 voxel-to-mm
     matrix. ``header``: the input's header, if any; its qform/sform codes are kept (1
     where it has none) and its spatial units, nothing else: the file gets uint8 (uint16
-    for more classes than uint8 can number), ``scl_slope`` 1, ``scl_inter`` 0 and the NIfTI "label"
-    intent. ``input_shape``: the input grid ``(x, y, z)`` the labels must match (default:
-    the header's shape, when there is a header; no check without either).
+    for more classes than uint8 can number), ``scl_slope`` 1, ``scl_inter`` 0 and the
+    NIfTI "label" intent. ``input_shape``: the input grid ``(x, y, z)`` the labels must
+    match (default: the header's shape, when there is a header; no check without either).
 
     ``path`` must end in ``.nii`` or ``.nii.gz``; ``path`` with that suffix replaced by
     ``.json`` receives ``{"0": "background", ...}``. Neither may resolve to the input file
