@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from run import markdown_table, measure
 
 import fastcascade.model.unet3d as unet3d
-from fastcascade.config import PAPER_CLASS_NAMES
 from fastcascade.model import ConvBNReLU, UNet3D
 from fastcascade.ops import conv_bn_relu as cbr
+from fastcascade.presets import PAPER_CLASS_NAMES
 
 PAPER_TILE = (132, 132, 116)
 CPU_TILE = (18, 18, 18)  # smallest input of a 2-level valid U-Net: the dry run's "tile"

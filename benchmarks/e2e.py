@@ -78,7 +78,8 @@ from e2e_providers import (  # noqa: E402
 from e2e_report import compare, table  # noqa: E402
 
 from fastcascade.api import resolve_device  # noqa: E402
-from fastcascade.config import CLASS_NAMES, paper_config  # noqa: E402
+from fastcascade.config import CLASS_NAMES  # noqa: E402
+from fastcascade.presets import paper_config  # noqa: E402
 
 QUICK_COMPILE_BUDGET_S = 120.0
 

@@ -26,14 +26,13 @@ from torch import nn
 
 from fastcascade.api import DEFAULT_MODEL, Predictor
 from fastcascade.config import Architecture, CascadeConfig
-from fastcascade.io.checkpoint import load_cascade, model_paths
 from fastcascade.model import UNet3D
+from fastcascade.model.checkpoint import load_cascade, model_paths
 from fastcascade.model.unet3d import ConvBNReLU
 from fastcascade.ops.morphology import resolve_backend as resolve_body_mask_backend
-from fastcascade.train.commands import default_config
+from fastcascade.presets import default_config
 
 PROVIDERS = ("fastcascade", "every_tile", "torch_best", "fastcascade_bf16")
-SHIPPED_BASE_CHANNELS = 6  # the width of the default model, for the random stand-in
 
 
 # -- models ------------------------------------------------------------------------------
@@ -79,14 +78,14 @@ def random_model(config: CascadeConfig, seed: int, name: str, why: str) -> Model
 
 def load_benchmark_model(spec: str, seed: int) -> Model:
     """``"auto"``: the embedded default model if its weights exist, else a random
-    initialisation of its architecture (base width 6); ``"random"``; or a path."""
+    initialisation of its architecture (``presets.default_config()``); ``"random"``; or a path."""
     if spec == "random" or (spec == "auto" and not DEFAULT_MODEL.exists()):
         why = (
             "asked for"
             if spec == "random"
             else f"no default weights at {DEFAULT_MODEL.relative_to(ROOT)} yet"
         )
-        cfg = default_config(base_channels=SHIPPED_BASE_CHANNELS)
+        cfg = default_config()  # the shipped model's recipe
         return random_model(cfg, seed, "default_random", why)
     path = DEFAULT_MODEL if spec == "auto" else Path(spec)
     config, s1, s2 = load_cascade(path)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from fastcascade.io.checkpoint import save_cascade
 from fastcascade.model import UNet3D
-from fastcascade.train.commands import default_config
+from fastcascade.model.checkpoint import save_cascade
+from fastcascade.presets import default_config
 from fastcascade.train.dataset import PhantomSource
 from fastcascade.train.trainer import ground_truth_candidates, train_stage
 

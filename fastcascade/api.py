@@ -21,9 +21,9 @@ import torch
 from .cascade import segment_scan
 from .config import CascadeConfig
 from .diagnostics import Clock
-from .io.checkpoint import load_cascade
 from .io.scan import load_scan
 from .model import UNet3D
+from .model.checkpoint import load_cascade
 from .options import PRECISIONS, InferenceOptions, build_options
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"

@@ -1,8 +1,9 @@
 """The model's saved configuration: classes, working grid, windows, r, tiles, architecture.
 
 Everything a trained cascade needs besides its weights lives here and travels with them
-(``io/checkpoint.py`` writes it as JSON beside the safetensors file). The class list is
-defined once, here, and read everywhere else.
+(``model/checkpoint.py`` writes it as JSON beside the safetensors file). The class list is
+defined once, here, and read everywhere else; presets and dataset label maps are in
+``presets.py``.
 
 Geometry used throughout the package: volumes are indexed ``(x, y, z)`` in the canonical
 RAS orientation (first axis towards the patient's right, second anterior, third superior),
@@ -12,7 +13,11 @@ spacings are in millimetres in the same order, intensities are Hounsfield units.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -31,22 +36,10 @@ CLASS_NAMES: tuple[str, ...] = (
     "portal_splenic_vein",
 )
 
-#: Case A (TotalSegmentator v2 ids) onto ``CLASS_NAMES``; every other id is background.
-CASE_A_TO_CLASSES: dict[int, int] = {5: 1, 1: 2, 2: 3, 3: 4, 7: 5, 6: 6, 4: 7, 52: 8, 63: 9, 64: 10}
-
-#: The paper's own label set (K = 8), kept as an architecture preset.
-PAPER_CLASS_NAMES: tuple[str, ...] = (
-    "background",
-    "artery",
-    "vein",
-    "liver",
-    "spleen",
-    "stomach",
-    "gallbladder",
-    "pancreas",
-)
-
 AIR_HU = -1024.0
+
+
+PADDINGS = ("valid", "same")
 
 
 @dataclass(frozen=True)
@@ -54,28 +47,60 @@ class Architecture:
     """Hyper-parameters of one ``UNet3D`` (see ``model/unet3d.py``).
 
     ``base_channels`` is the width of the first convolution (the paper: 32); each level
-    doubles it, the paper's network reaching 512 at the bottom. ``padding`` is ``"valid"``
-    (the paper) or ``"same"``.
+    doubles it. ``padding`` is ``"valid"`` (the paper) or ``"same"``. ``num_classes``
+    defaults to the package's class list, ``len(CLASS_NAMES)``.
+
+    Checked when built: ``ValueError`` / ``TypeError`` naming the field.
+
+    >>> Architecture(levels=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: Architecture.levels must be an integer >= 1, got 0
     """
 
     in_channels: int = 1
-    num_classes: int = len(PAPER_CLASS_NAMES)
+    num_classes: int = len(CLASS_NAMES)
     base_channels: int = 32
     levels: int = 4
     padding: str = "valid"
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "num_classes", "base_channels", "levels"):
+            _set(self, name, _int(getattr(self, name), f"Architecture.{name}", minimum=1))
+        if self.padding not in PADDINGS:
+            raise ValueError(
+                f"Architecture.padding must be 'valid' or 'same', got {self.padding!r}"
+            )
 
 
 @dataclass(frozen=True)
 class StageConfig:
     """One stage of the cascade.
 
-    ``window`` is the HU range mapped linearly onto [-1, 1] (values outside are clipped);
-    ``tile`` is the network's input size ``(x, y, z)`` in voxels of the working grid.
+    ``window`` is the HU range ``(lo, hi)``, ``lo < hi``, mapped linearly onto [-1, 1]
+    (values outside are clipped); ``tile`` is the network's input size ``(x, y, z)`` in
+    voxels of the working grid. Checked when built, like ``Architecture``.
     """
 
     window: tuple[float, float] = (-1000.0, 1000.0)
     tile: tuple[int, int, int] = (132, 132, 116)
     architecture: Architecture = field(default_factory=Architecture)
+
+    def __post_init__(self) -> None:
+        lo, hi = _reals(self.window, "StageConfig.window", 2, "two HU values (lo, hi)")
+        if not lo < hi:
+            raise ValueError(f"StageConfig.window must have lo < hi (HU), got {(lo, hi)}")
+        _set(self, "window", (lo, hi))
+        if isinstance(self.tile, str) or not isinstance(self.tile, Sequence):
+            raise TypeError(f"StageConfig.tile must be 3 integers (x, y, z), got {self.tile!r}")
+        if len(self.tile) != 3:
+            raise ValueError(f"StageConfig.tile must be 3 integers (x, y, z), got {self.tile!r}")
+        _set(self, "tile", tuple(_int(t, "StageConfig.tile", minimum=1) for t in self.tile))
+        if not isinstance(self.architecture, Architecture):
+            raise TypeError(
+                "StageConfig.architecture must be an Architecture, got "
+                f"{type(self.architecture).__name__}"
+            )
 
 
 @dataclass(frozen=True)
@@ -84,7 +109,18 @@ class CascadeConfig:
 
     ``spacing`` is the working grid's voxel size in mm ``(x, y, z)``; ``radius`` is the
     candidate-map dilation r in voxels of that grid; ``body_threshold`` the HU above which
-    a voxel can belong to the body mask C1.
+    a voxel can belong to the body mask C1. Both stages classify into ``class_names``:
+    each stage's ``architecture.num_classes`` must equal ``len(class_names)``.
+
+    Checked when built (``ValueError`` / ``TypeError`` naming the field); sequences are
+    stored as tuples, numbers as ``int`` / ``float``.
+
+    >>> CascadeConfig().num_classes == len(CLASS_NAMES)
+    True
+    >>> CascadeConfig(radius=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: CascadeConfig.radius must be an integer >= 0, got -1
     """
 
     class_names: tuple[str, ...] = CLASS_NAMES
@@ -95,6 +131,40 @@ class CascadeConfig:
     stage2: StageConfig = field(default_factory=StageConfig)
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self) -> None:
+        names = self.class_names
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise TypeError(f"CascadeConfig.class_names must be a sequence of names, got {names!r}")
+        if not names:
+            raise ValueError("CascadeConfig.class_names is empty; expected one name per class")
+        if not all(isinstance(n, str) and n for n in names):
+            raise TypeError(
+                f"CascadeConfig.class_names must be non-empty strings, got {list(names)!r}"
+            )
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"CascadeConfig.class_names must be unique; repeated: {twice}")
+        _set(self, "class_names", tuple(names))
+        spacing = _reals(self.spacing, "CascadeConfig.spacing", 3, "3 voxel sizes in mm")
+        if not all(s > 0 for s in spacing):
+            raise ValueError(f"CascadeConfig.spacing must be positive (mm), got {spacing}")
+        _set(self, "spacing", spacing)
+        _set(self, "radius", _int(self.radius, "CascadeConfig.radius", minimum=0))
+        (threshold,) = _reals((self.body_threshold,), "CascadeConfig.body_threshold", 1, "HU")
+        _set(self, "body_threshold", threshold)
+        for name in ("stage1", "stage2"):
+            stage = getattr(self, name)
+            if not isinstance(stage, StageConfig):
+                raise TypeError(
+                    f"CascadeConfig.{name} must be a StageConfig, got {type(stage).__name__}"
+                )
+            if stage.architecture.num_classes != len(names):
+                raise ValueError(
+                    f"CascadeConfig.{name}.architecture.num_classes is "
+                    f"{stage.architecture.num_classes} but class_names has {len(names)} "
+                    "entries; they must be equal"
+                )
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -103,7 +173,12 @@ class CascadeConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> CascadeConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> CascadeConfig:
+        """The config ``to_dict`` gave (as read back from JSON); ``ValueError`` naming the
+        field that is missing or wrong. Keys this schema does not know are ignored at the
+        top level and refused inside a stage."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"model config must be a mapping, got {type(data).__name__}")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(
@@ -111,32 +186,79 @@ class CascadeConfig:
                 f"version {SCHEMA_VERSION}"
             )
 
-        def stage(d: dict) -> StageConfig:
-            return StageConfig(
-                window=tuple(d["window"]),
-                tile=tuple(d["tile"]),
-                architecture=Architecture(**d["architecture"]),
+        def stage(name: str) -> StageConfig:
+            d = _section(_get(data, name, name), name)
+            arch = _section(_get(d, "architecture", f"{name}.architecture"), f"{name}.architecture")
+            known = {f.name for f in dataclasses.fields(Architecture)}
+            unknown = sorted(set(arch) - known)
+            if unknown:
+                raise ValueError(
+                    f"model config field {name}.architecture has unknown keys {unknown}"
+                )
+            architecture = _named(f"{name}.architecture", lambda: Architecture(**arch))
+            return _named(
+                name,
+                lambda: StageConfig(
+                    window=_get(d, "window", f"{name}.window"),
+                    tile=_get(d, "tile", f"{name}.tile"),
+                    architecture=architecture,
+                ),
             )
 
-        return cls(
-            class_names=tuple(data["class_names"]),
-            spacing=tuple(float(s) for s in data["spacing"]),
-            radius=int(data["radius"]),
-            body_threshold=float(data["body_threshold"]),
-            stage1=stage(data["stage1"]),
-            stage2=stage(data["stage2"]),
-            schema_version=version,
-        )
+        stage1, stage2 = stage("stage1"), stage("stage2")
+        fields = {k: _get(data, k, k) for k in ("class_names", "spacing", "radius")}
+        fields["body_threshold"] = _get(data, "body_threshold", "body_threshold")
+        try:  # the messages name the field (CascadeConfig.<field>)
+            return cls(**fields, stage1=stage1, stage2=stage2, schema_version=version)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
 
 
-def paper_config(class_names: tuple[str, ...] = PAPER_CLASS_NAMES) -> CascadeConfig:
-    """The paper's preset: its network (base 32, 4 levels, valid convolutions) on half of
-    a ~0.7 mm scan, 132x132x116 tiles, r = 3; K = 8 classes unless ``class_names`` says
-    otherwise."""
-    arch = Architecture(num_classes=len(class_names))
-    return CascadeConfig(
-        class_names=tuple(class_names),
-        spacing=(1.5, 1.5, 1.5),
-        stage1=StageConfig(window=(-1000.0, 1000.0), architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), architecture=arch),
-    )
+# --------------------------------------------------------------------------- checks
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)  # normalising a frozen dataclass's own field
+
+
+def _int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _reals(value: object, what: str, count: int, expected: str) -> tuple[float, ...]:
+    """``count`` finite real numbers as floats, else an error naming ``what``."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be {expected}, got {value!r}")
+    if len(value) != count:
+        raise ValueError(f"{what} must be {expected}, got {value!r}")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{what} must be {expected}, got {value!r}")
+    floats = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in floats):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return floats
+
+
+def _get(data: Mapping[str, Any], key: str, path: str) -> Any:
+    try:
+        return data[key]
+    except KeyError:
+        raise ValueError(f"model config has no field {path!r}") from None
+
+
+def _section(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"model config field {path} must be an object, got {value!r}")
+    return value
+
+
+def _named(path: str, build: Callable[[], Any]) -> Any:
+    """``build()``, its errors prefixed with the field they come from."""
+    try:
+        return build()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model config field {path}: {e}") from None

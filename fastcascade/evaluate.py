@@ -6,15 +6,14 @@ Label maps are integer arrays ``(x, y, z)`` (numpy or torch, any device) with cl
 values are fractions in [0, 1]; a Dice matrix is ``(cases, classes)`` with NaN where a
 class is absent from both the prediction and the reference of a case.
 
-The ``fastcascade evaluate`` command (``register``) runs all of it over a CSV of label
-files, one case a line, ``prediction,reference[,stage1]`` (see ``read_cases``):
+The ``fastcascade evaluate`` command runs all of it over a CSV of label files, one case
+a line, ``prediction,reference[,stage1]`` (see ``read_cases``):
 
     $ fastcascade evaluate --csv cases.csv --label-map case_a --out report.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import warnings
@@ -35,7 +34,7 @@ __all__ = [
     "evaluate_cases",
     "markdown_table",
     "read_cases",
-    "register",
+    "report_json",
     "report_markdown",
     "summarize",
 ]
@@ -442,6 +441,15 @@ def report_markdown(report: dict, digits: int = 3) -> str:
     return "\n\n".join(parts)
 
 
+def report_json(report: dict) -> str:
+    """A report (``evaluate_cases``'s, or one with more keys) as JSON text, NaN as ``null``.
+
+    >>> report_json({"dice": float("nan")})
+    '{\n "dice": null\n}\n'
+    """
+    return json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n"
+
+
 def _jsonable(value):
     """NaN → ``None`` (JSON has no NaN), recursively."""
     if isinstance(value, float) and math.isnan(value):
@@ -451,62 +459,3 @@ def _jsonable(value):
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-# --------------------------------------------------------------------------- command
-
-
-def _radii(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}; expected comma-separated integers, e.g. 0,1,2,3"
-        ) from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}; radii must be >= 0 (voxels)")
-    return values
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``evaluate`` to the ``fastcascade`` command's subparsers."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="Dice tables, stage 1 vs stage 2, C2 recall/FPR from label files",
-        description="Compare predicted label maps with references: Dice per organ (mean, "
-        "std, median, min, max); with stage-1 maps also their Dice, the Wilcoxon "
-        "signed-rank p-value per organ and the candidate region's recall and false-positive "
-        "rate for each r. CSV lines: prediction,reference[,stage1] (paths relative to the "
-        "CSV's folder or absolute).",
-    )
-    p.add_argument("--csv", required=True, type=Path, help="CSV of prediction,reference[,stage1]")
-    p.add_argument(
-        "--label-map",
-        default=None,
-        help='reference ids onto classes: case_a, none or a JSON file {"id": class id}',
-    )
-    p.add_argument("--out", type=Path, help="also write the report as JSON")
-    p.add_argument(
-        "--radii",
-        type=_radii,
-        default="0,1,2,3,4,5",
-        help="dilation radii r for C2, voxels (default: 0,1,2,3,4,5)",
-    )
-    p.set_defaults(func=_cmd_evaluate)
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .io.atomic import atomic_write
-    from .io.nifti import read_label_map
-
-    if args.out is not None and args.out.is_dir():
-        raise IsADirectoryError(f"--out {args.out} is a folder; expected a JSON file name")
-    label_map = read_label_map(args.label_map)
-    report = evaluate_cases(read_cases(args.csv), label_map, args.radii)
-    print(report_markdown(report))
-    if args.out is not None:
-        report = {"csv": str(args.csv), "label_map": args.label_map, **report}
-        text = json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n"
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
-        print(f"\nwrote {args.out}")
-    return 0

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fastcascade.config import CLASS_NAMES
-from fastcascade.io.checkpoint import save_cascade
 from fastcascade.model import UNet3D
-from fastcascade.train.commands import default_config
+from fastcascade.model.checkpoint import save_cascade
+from fastcascade.presets import default_config
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TILE = 24  # voxels; "same" padding, so input and output tiles are equal

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -246,8 +247,8 @@ def test_segment_failed_write_keeps_the_old_output(ct_file, fake, tmp_path, monk
 def test_segment_end_to_end(tmp_path, capsys):
     """The real cascade (tiny random model) through the CLI, on a RAS and an LPS copy."""
     from fastcascade.config import Architecture, CascadeConfig, StageConfig
-    from fastcascade.io.checkpoint import save_cascade
     from fastcascade.model import UNet3D
+    from fastcascade.model.checkpoint import save_cascade
 
     arch = Architecture(num_classes=len(CLASS_NAMES), base_channels=4, levels=2, padding="same")
     config = CascadeConfig(
@@ -373,30 +374,138 @@ def test_phantom_same_file_twice(fake_phantom, tmp_path, capsys):
     assert fake_phantom == [] and os.listdir(tmp_path) == []
 
 
-# ----------------------------------------------------------------------- extensions
+# ----------------------------------------------------------------------- the commands
+
+COMMANDS = ("segment", "env", "phantom", "train", "finetune", "evaluate", "demo")
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_missing_train_module_gives_a_message_and_other_commands_work(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "fastcascade.train.commands", None)  # import fails
-    assert cli.main(["train", "--epochs", "3"]) == 2
-    assert "fastcascade.train.commands" in capsys.readouterr().err
-    assert cli.main(["finetune"]) == 2
-    assert cli.main(["env"]) == 0
+def test_every_command_is_registered():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    assert tuple(sub.choices) == COMMANDS
+    for name, p in sub.choices.items():
+        assert callable(p.get_default("func")), name
 
 
-def test_registered_commands_are_added(monkeypatch):
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    assert f"usage: fastcascade {command}" in capsys.readouterr().out
+
+
+def test_commands_run_with_their_arguments(monkeypatch, tmp_path):
     ran = []
-
-    def register(subparsers):
-        p = subparsers.add_parser("train")
-        p.add_argument("--epochs", type=int)
-        p.set_defaults(func=lambda args: ran.append(args.epochs) or 0)
-
-    module = types.ModuleType("fastcascade.train.commands")
-    module.register = register
-    monkeypatch.setitem(sys.modules, "fastcascade.train.commands", module)
-    assert cli.main(["train", "--epochs", "3"]) == 0
+    monkeypatch.setattr(cli.train, "_cmd_train", lambda args: ran.append(args.iterations) or 0)
+    assert cli.main(["train", "--out", str(tmp_path), "--iterations", "3"]) == 0
     assert ran == [3]
+
+
+def test_a_broken_command_module_is_an_error_not_a_missing_command(monkeypatch):
+    """A bug where a command is registered stops every command, with its traceback."""
+
+    def broken(subparsers):
+        raise ImportError("cannot import name 'train_stage'")
+
+    monkeypatch.setattr(cli.train, "register", broken)
+    with pytest.raises(ImportError, match="train_stage"):
+        cli.main(["env"])
+
+
+def test_an_import_error_inside_a_command_keeps_its_traceback(monkeypatch, tmp_path, capsys):
+    def broken(args):
+        raise ImportError("No module named 'fastcascade.train.trainer'")
+
+    monkeypatch.setattr(cli.train, "_cmd_train", broken)
+    with pytest.raises(ImportError, match="fastcascade.train.trainer"):
+        cli.main(["train", "--out", str(tmp_path)])
+    assert "unavailable" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        pytest.param(["-m", "fastcascade.cli", "--version"], "fastcascade 0.1.0", id="cli"),
+        pytest.param(["-m", "fastcascade", "--version"], "fastcascade 0.1.0", id="package"),
+        pytest.param(["-m", "fastcascade.demo", "--help"], "usage: fastcascade demo", id="demo"),
+    ],
+)
+def test_module_entry_points(argv, expected):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout
+    assert fastcascade.__version__ == "0.1.0"
+
+
+def test_console_script_is_the_cli_main():
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'fastcascade = "fastcascade.cli:main"' in text
+    assert callable(cli.main)
+
+
+def test_demo_on_a_phantom(monkeypatch, tmp_path, capsys):
+    """Without case A the demo segments a phantom, writes its files and prints Dice."""
+    shape = (12, 10, 8)
+    truth = np.zeros(shape, np.uint8)
+    truth[2:8, 2:7, 2:6] = 1  # a liver
+    truth[8:11, 3:6, 2:5] = 2  # a spleen
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    ct = np.where(truth > 0, 60.0, -1000.0).astype(np.float32)
+    made = []
+
+    def make_phantom(**kwargs):
+        made.append(kwargs)
+        return SimpleNamespace(
+            labels=truth,
+            to_nifti=lambda: (nib.Nifti1Image(ct, affine), nib.Nifti1Image(truth, affine)),
+        )
+
+    module = types.ModuleType("fastcascade.phantom")
+    module.make_phantom = make_phantom
+    monkeypatch.setitem(sys.modules, "fastcascade.phantom", module)
+    monkeypatch.setenv("FASTCASCADE_DATA", str(tmp_path / "no-data"))
+    predicted = truth.copy()
+    predicted[8:11, 3:6, 2:5] = 0  # the spleen missed
+
+    def segment(volume, **kwargs):
+        segment.calls.append((volume, kwargs))
+        img = nib.load(volume)
+        return SegmentationResult(
+            labels=predicted,
+            class_names=CLASS_NAMES,
+            affine=img.affine,
+            header=img.header,
+            timings={"total": 1.0},
+            c1_fraction=0.5,
+            c2_fraction=0.25,
+            tiles={"stage1": (1, 1), "stage2": (1, 2)},
+            source=Path(volume),
+        )
+
+    segment.calls = []
+    monkeypatch.setattr(fastcascade, "segment", segment, raising=False)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--out", str(out), "--device", "cpu"]) == 0
+
+    from fastcascade.demo import PHANTOM_SEED
+
+    assert made == [{"seed": PHANTOM_SEED}]
+    assert segment.calls == [(str(out / "phantom_ct.nii.gz"), {"device": "cpu"})]
+    assert np.array_equal(nifti.read_labels(out / "phantom_seg.nii.gz"), predicted)
+    assert nifti.read_label_names(out / "phantom_seg.nii.gz") == CLASS_NAMES
+    printed = capsys.readouterr().out
+    assert "segmenting a generated phantom" in printed
+    assert "liver                  1.000" in printed
+    assert "spleen                 0.000" in printed
+    assert "stage2 1/2" in printed
 
 
 def test_phantom_with_the_real_generator(tmp_path):

@@ -302,7 +302,7 @@ SPLEEN_S1 = [1.0, 0.0, math.nan]
 # spleen never changes: no test
 P_LIVER = 0.25
 RADII = (0, 1, 2)
-CASE_A_IDS = {"liver": 5, "spleen": 1}  # fastcascade.config.CASE_A_TO_CLASSES
+CASE_A_IDS = {"liver": 5, "spleen": 1}  # fastcascade.presets.CASE_A_TO_CLASSES
 
 
 def _write(path, labels, zooms=(1.0, 1.0, 1.0), names=None):
@@ -537,7 +537,7 @@ def test_evaluate_unknown_label_map_and_out_folder(case_files, capsys):
 
 
 def test_label_map_that_is_not_an_object_is_a_value_error(tmp_path):
-    from fastcascade.io.nifti import read_label_map
+    from fastcascade.presets import read_label_map
 
     path = tmp_path / "map.json"
     path.write_text("[5, 1]")

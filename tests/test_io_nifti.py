@@ -49,6 +49,11 @@ def scaled_ct(tmp_path):
     return path
 
 
+def of_scan(scan: Scan) -> dict:
+    """The writers' geometry arguments for a ``Scan``, besides its ``input_affine``."""
+    return {"header": scan.header, "input_shape": scan.input_shape, "input_path": scan.path}
+
+
 def label_grid(scan: Scan, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, len(CLASS_NAMES), scan.input_shape).astype(np.uint8)
@@ -65,7 +70,7 @@ def test_write_labels_geometry_dtype_scaling_and_names(kind, scaled_ct, tmp_path
         "numpy-int32": labels.astype(np.int32),
     }[kind]
     out = tmp_path / "seg.nii.gz"
-    write_labels(out, given, scan, CLASS_NAMES)
+    write_labels(out, given, scan.input_affine, CLASS_NAMES, **of_scan(scan))
 
     hdr = raw_header(out)
     assert hdr.get_data_dtype() == np.uint8
@@ -121,7 +126,7 @@ def test_many_classes_use_uint16(tmp_path):
 def test_write_labels_rejects(labels, path, error, match, tmp_path):
     scan = load_scan(ct_volume(), spacing=SPACING)
     with pytest.raises(error, match=match):
-        write_labels(tmp_path / path, labels, scan, CLASS_NAMES)
+        write_labels(tmp_path / path, labels, scan.input_affine, CLASS_NAMES, **of_scan(scan))
     assert os.listdir(tmp_path) == []
 
 
@@ -137,25 +142,61 @@ def test_write_labels_checks_grid_against_header(scaled_ct, tmp_path):
         )
 
 
+def test_input_shape_checks_the_grid_without_a_header(tmp_path):
+    labels = np.zeros((2, 3, 4), np.uint8)
+    probs = np.zeros((2, 2, 3, 4), np.float32)
+    with pytest.raises(
+        ValueError, match=r"spatial shape \(2, 3, 4\) but the input grid is \(2, 3, 5\)"
+    ):
+        write_labels(tmp_path / "s.nii.gz", labels, RAS_AFFINE, "ab", input_shape=(2, 3, 5))
+    with pytest.raises(ValueError, match="input grid"):
+        write_probabilities(tmp_path / "p.nii.gz", probs, RAS_AFFINE, input_shape=(2, 3, 5))
+    assert os.listdir(tmp_path) == []
+    write_labels(tmp_path / "s.nii.gz", labels, RAS_AFFINE, "ab", input_shape=[2, 3, 4])
+    write_probabilities(
+        tmp_path / "p.nii.gz", probs, torch.from_numpy(RAS_AFFINE), input_shape=(2, 3, 4)
+    )
+    assert np.array_equal(read_labels(tmp_path / "s.nii.gz"), labels)
+    np.testing.assert_allclose(raw_header(tmp_path / "p.nii.gz").get_sform(), RAS_AFFINE, atol=1e-5)
+
+
+def test_input_shape_wins_over_the_header(scaled_ct, tmp_path):
+    img = nib.load(scaled_ct)
+    labels = np.zeros((3, 3, 3), np.uint8)
+    write_labels(tmp_path / "s.nii", labels, img.affine, "ab", img.header, input_shape=(3, 3, 3))
+    assert np.array_equal(read_labels(tmp_path / "s.nii"), labels)
+
+
+def test_writers_take_an_affine_not_a_scan(tmp_path):
+    scan = load_scan(ct_volume(), spacing=SPACING)
+    with pytest.raises(TypeError, match="affine must be a 4x4 matrix .* got Scan"):
+        write_labels(tmp_path / "s.nii.gz", label_grid(scan), scan, CLASS_NAMES)
+    with pytest.raises(TypeError, match="affine must be a 4x4 matrix .* got Scan"):
+        write_probabilities(
+            tmp_path / "p.nii.gz", np.zeros((2, *scan.input_shape), np.float32), scan
+        )
+    assert os.listdir(tmp_path) == []
+
+
 def test_writers_refuse_the_input_file(scaled_ct, tmp_path):
     before = scaled_ct.read_bytes()
     scan = load_scan(scaled_ct)
     labels = label_grid(scan)
     with pytest.raises(ValueError, match="input file"):
-        write_labels(scaled_ct, labels, scan, CLASS_NAMES)
+        write_labels(scaled_ct, labels, scan.input_affine, CLASS_NAMES, **of_scan(scan))
     with pytest.raises(ValueError, match="input file"):
         write_labels(scaled_ct, labels, scan.input_affine, CLASS_NAMES, input_path=scaled_ct)
     link = tmp_path / "link.nii.gz"
     link.symlink_to(scaled_ct)
     with pytest.raises(ValueError, match="input file"):
-        write_labels(link, labels, scan, CLASS_NAMES)
+        write_labels(link, labels, scan.input_affine, CLASS_NAMES, **of_scan(scan))
     hard = tmp_path / "hard.nii.gz"
     os.link(scaled_ct, hard)
     with pytest.raises(ValueError, match="input file"):
-        write_labels(hard, labels, scan, CLASS_NAMES)
+        write_labels(hard, labels, scan.input_affine, CLASS_NAMES, **of_scan(scan))
     probs = np.zeros((2, *scan.input_shape), np.float32)
     with pytest.raises(ValueError, match="input file"):
-        write_probabilities(tmp_path / "hard.nii.gz", probs, scan)
+        write_probabilities(tmp_path / "hard.nii.gz", probs, scan.input_affine, **of_scan(scan))
     assert scaled_ct.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz", "hard.nii.gz", "link.nii.gz"]
 
@@ -190,11 +231,17 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(stage, existing, tmp_
     scan = load_scan(ct_volume(), spacing=SPACING)
     out = tmp_path / "seg.nii.gz"
     if existing:
-        write_labels(out, np.ones(scan.input_shape, np.uint8), scan, CLASS_NAMES)
+        write_labels(
+            out,
+            np.ones(scan.input_shape, np.uint8),
+            scan.input_affine,
+            CLASS_NAMES,
+            **of_scan(scan),
+        )
         old = {p: p.read_bytes() for p in tmp_path.iterdir()}
     _fail_midwrite_blob(monkeypatch, stage)
     with pytest.raises(OSError, match="No space left"):
-        write_labels(out, label_grid(scan), scan, CLASS_NAMES)
+        write_labels(out, label_grid(scan), scan.input_affine, CLASS_NAMES, **of_scan(scan))
     monkeypatch.undo()
     if existing:
         assert {p: p.read_bytes() for p in tmp_path.iterdir()} == old
@@ -221,7 +268,7 @@ def test_write_probabilities_float32(scaled_ct, tmp_path):
     scan = load_scan(scaled_ct)
     probs = _softmax((len(CLASS_NAMES), *scan.input_shape)).numpy()
     out = tmp_path / "probs.nii.gz"
-    write_probabilities(out, probs, scan, class_names=CLASS_NAMES)
+    write_probabilities(out, probs, scan.input_affine, class_names=CLASS_NAMES, **of_scan(scan))
     hdr = raw_header(out)
     assert hdr.get_data_dtype() == np.float32
     assert (hdr["scl_slope"], hdr["scl_inter"]) == (1.0, 0.0)
@@ -239,7 +286,7 @@ def test_write_probabilities_16_bits(tmp_path):
     probs = _softmax((3, *scan.input_shape), seed=1)
     probs[0, 0, 0, 0], probs[1, 0, 0, 0] = 1.0, 0.0
     out = tmp_path / "p.nii"
-    write_probabilities(out, probs, scan, dtype="float16")
+    write_probabilities(out, probs, scan.input_affine, dtype="float16", **of_scan(scan))
     hdr = raw_header(out)
     assert hdr.get_data_dtype() == np.uint16
     assert hdr["scl_slope"] == np.float32(1 / 65535) and hdr["scl_inter"] == 0
@@ -277,7 +324,9 @@ def test_write_probabilities_16_bits(tmp_path):
 def test_write_probabilities_rejects(probs, kwargs, error, match, tmp_path):
     scan = load_scan(ct_volume(), spacing=SPACING)
     with pytest.raises(error, match=match):
-        write_probabilities(tmp_path / "p.nii.gz", probs, scan, **kwargs)
+        write_probabilities(
+            tmp_path / "p.nii.gz", probs, scan.input_affine, **of_scan(scan), **kwargs
+        )
     assert os.listdir(tmp_path) == []
 
 

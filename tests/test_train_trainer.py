@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from fastcascade.config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
-from fastcascade.io.checkpoint import load_cascade, load_training_checkpoint, save_cascade
 from fastcascade.io.scan import load_scan
+from fastcascade.model.checkpoint import load_cascade, load_training_checkpoint, save_cascade
 from fastcascade.model.unet3d import UNet3D
 from fastcascade.ops.intensity import apply_window
 from fastcascade.ops.resample import resample
@@ -500,7 +500,7 @@ def test_training_pairs_are_read_like_scans_at_inference(tmp_path):
 
 
 def test_nifti_source_case_a(case_a_paths):
-    from fastcascade.config import CASE_A_TO_CLASSES
+    from fastcascade.presets import CASE_A_TO_CLASSES
 
     src = NiftiSource([case_a_paths], CASE_A_TO_CLASSES, spacing=(3.0, 3.0, 3.0))
     v = src.draw()
@@ -515,7 +515,7 @@ def test_nifti_source_case_a(case_a_paths):
 def test_train_command_on_nifti_pairs(tmp_path):
     import argparse
 
-    from fastcascade.train import commands
+    from fastcascade.cli import train as train_cli
 
     for i in range(2):
         image, labels = _volume(i)
@@ -524,7 +524,7 @@ def test_train_command_on_nifti_pairs(tmp_path):
     (tmp_path / "pairs.csv").write_text("ct,labels\nct0.nii,seg0.nii\nct1.nii,seg1.nii\n")
     (tmp_path / "map.json").write_text(json.dumps({"7": 1, "14": 2}))
     parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers(dest="command"))
+    train_cli.register(parser.add_subparsers(dest="command"))
     argv = [
         "train", "--out", str(tmp_path / "run"), "--csv", str(tmp_path / "pairs.csv"),
         "--label-map", str(tmp_path / "map.json"), "--iterations", "2", "--base-channels",
@@ -544,9 +544,8 @@ def test_train_command_on_nifti_pairs(tmp_path):
 
 
 def test_read_pairs_and_label_maps(tmp_path):
-    from fastcascade.config import CASE_A_TO_CLASSES
-    from fastcascade.io.nifti import read_label_map
-    from fastcascade.train.commands import read_pairs
+    from fastcascade.presets import CASE_A_TO_CLASSES, read_label_map
+    from fastcascade.train.sources import read_pairs
 
     (tmp_path / "a.csv").write_text("# cases\nx/ct.nii.gz, x/seg.nii.gz\n/abs/ct.nii,/abs/s.nii\n")
     assert read_pairs(tmp_path / "a.csv") == [
@@ -563,5 +562,25 @@ def test_read_pairs_and_label_maps(tmp_path):
         read_pairs(tmp_path / "d.csv")
     assert read_label_map("case_a") == CASE_A_TO_CLASSES
     assert read_label_map(None) is None and read_label_map("none") is None
-    with pytest.raises(ValueError, match="label-map"):
+    with pytest.raises(ValueError, match=r"label map must be one of \['case_a'\]"):
         read_label_map("no_such_map")
+    with pytest.raises(ValueError, match="--label-map must be one of"):
+        read_label_map("no_such_map", "--label-map")
+
+
+def test_training_source_picks_phantoms_or_the_csv_pairs(tmp_path):
+    from fastcascade.train.sources import training_source
+
+    phantoms = training_source((3.0, 3.0, 3.0), 5, pool_size=2, refresh_every=3, contrasts=["none"])
+    assert isinstance(phantoms, PhantomSource)
+    assert (phantoms.seed, phantoms.pool_size, phantoms.refresh_every) == (5, 2, 3)
+    assert phantoms.contrasts == ("none",) and phantoms.spacing == (3.0, 3.0, 3.0)
+    image, labels = _volume(0)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(image.numpy(), affine), tmp_path / "ct.nii")
+    nib.save(nib.Nifti1Image(labels.numpy() * 7, affine), tmp_path / "seg.nii")
+    (tmp_path / "pairs.csv").write_text("ct.nii,seg.nii\n")
+    pairs = training_source((3.0, 3.0, 3.0), 1, csv=tmp_path / "pairs.csv", label_map={7: 1, 14: 2})
+    assert isinstance(pairs, NiftiSource)
+    assert pairs.pairs == [(tmp_path / "ct.nii", tmp_path / "seg.nii")]
+    assert torch.equal(pairs.draw().labels, labels.to(torch.uint8))

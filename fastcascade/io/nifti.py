@@ -24,7 +24,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -33,11 +33,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
-from ..config import CASE_A_TO_CLASSES
 from .atomic import atomic_outputs
-
-if TYPE_CHECKING:
-    from .scan import Scan
 
 PathLike = str | os.PathLike
 
@@ -173,31 +169,6 @@ def map_labels(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
     return mapped[inverse].reshape(labels.shape)
 
 
-#: Label maps known by name (``--label-map``): file ids onto the classes of ``config``.
-LABEL_MAPS = {"case_a": CASE_A_TO_CLASSES}
-
-
-def read_label_map(value: str | None) -> dict[int, int] | None:
-    """``None``, a known name (``case_a``) or a JSON file ``{"file id": class id}``."""
-    if value is None or value == "none":
-        return None
-    if value in LABEL_MAPS:
-        return dict(LABEL_MAPS[value])
-    path = Path(value)
-    if not path.exists():
-        raise ValueError(
-            f"--label-map must be one of {sorted(LABEL_MAPS)}, 'none' or a JSON file; "
-            f"{value!r} is neither"
-        )
-    mapping = json.loads(path.read_text())
-    try:
-        return {int(k): int(v) for k, v in mapping.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise ValueError(
-            f'label map {path} must be a JSON object of integer ids, e.g. {{"5": 1}}'
-        ) from None
-
-
 def read_labels(path: PathLike) -> np.ndarray:
     """Read a label map (x, y, z) on its file's own grid, for evaluation.
 
@@ -265,30 +236,35 @@ def read_label_names(path: PathLike) -> tuple[str, ...] | None:
 def write_labels(
     path: PathLike,
     labels: np.ndarray | torch.Tensor,
-    scan_or_affine: Scan | np.ndarray,
+    affine: np.ndarray | torch.Tensor,
     class_names: Sequence[str],
     header: nib.Nifti1Header | None = None,
     *,
+    input_shape: Sequence[int] | None = None,
     input_path: PathLike | None = None,
 ) -> None:
     """Write a label map and the JSON of its class names, atomically.
 
     ``labels``: (x, y, z) integer class ids on the *input* grid (numpy or a tensor on any
-    device), each in ``[0, len(class_names))``. ``scan_or_affine``: the ``Scan`` it belongs
-    to (its input affine, header and source file are used) or the input's 4x4 affine (mm).
-    ``header``: the input's header, if any; its qform/sform codes are kept (1 where it has
-    none) and its spatial units, nothing else: the file gets uint8 (uint16 beyond 256
-    classes), ``scl_slope`` 1, ``scl_inter`` 0 and the NIfTI "label" intent.
+    device), each in ``[0, len(class_names))``. ``affine``: the input's 4x4 voxel-to-mm
+    matrix. ``header``: the input's header, if any; its qform/sform codes are kept (1
+    where it has none) and its spatial units, nothing else: the file gets uint8 (uint16
+    for more classes than uint8 can number), ``scl_slope`` 1, ``scl_inter`` 0 and the
+    NIfTI "label" intent. ``input_shape``: the input grid ``(x, y, z)`` the labels must
+    match (default: the header's shape, when there is a header; no check without either).
 
     ``path`` must end in ``.nii`` or ``.nii.gz``; ``path`` with that suffix replaced by
     ``.json`` receives ``{"0": "background", ...}``. Neither may resolve to the input file
-    (``input_path``, or the scan's source): ``ValueError``. On any error no new file
-    remains and an existing output is left as it was.
+    ``input_path``: ``ValueError``. On any error no new file remains and an existing
+    output is left as it was.
+
+    For a ``Scan``: ``write_labels(path, labels, scan.input_affine, names, scan.header,
+    input_shape=scan.input_shape, input_path=scan.path)``.
 
     >>> write_labels("seg.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4), CLASS_NAMES)
     ... # doctest: +SKIP
     """
-    affine, header, protect = _geometry(scan_or_affine, header, input_path)
+    affine, header, protect = _geometry(affine, header, input_path)
     class_names = tuple(str(n) for n in class_names)
     if not class_names:
         raise ValueError("class_names is empty; expected one name per class id")
@@ -297,7 +273,7 @@ def write_labels(
     arr = _to_numpy(labels, "labels")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"labels have dtype {arr.dtype}; expected integer class ids")
-    _check_grid(arr.shape, scan_or_affine, header, "labels")
+    _check_grid(arr.shape, input_shape, header, "labels")
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= len(class_names):
@@ -319,17 +295,19 @@ def write_labels(
 def write_probabilities(
     path: PathLike,
     probabilities: np.ndarray | torch.Tensor,
-    scan_or_affine: Scan | np.ndarray,
+    affine: np.ndarray | torch.Tensor,
     header: nib.Nifti1Header | None = None,
     *,
     dtype: str = "float32",
     class_names: Sequence[str] | None = None,
+    input_shape: Sequence[int] | None = None,
     input_path: PathLike | None = None,
 ) -> None:
     """Write class probabilities (C, x, y, z) as a 4D NIfTI (x, y, z, C), atomically.
 
     Same geometry rules as ``write_labels`` (input affine in sform and qform, codes kept,
-    never the input's datatype or scaling). ``dtype="float32"`` stores the values as
+    never the input's datatype or scaling; ``input_shape`` or the header's shape checks
+    the spatial axes; never onto ``input_path``). ``dtype="float32"`` stores the values as
     they are (``scl_slope`` 1). ``dtype="float16"`` halves the file: NIfTI has no 16-bit
     float type, so values are clipped to [0, 1] and stored as uint16 with
     ``scl_slope = 1/65535`` (absolute error ≤ 7.7e-6, finer than float16 near 1); readers
@@ -341,7 +319,7 @@ def write_probabilities(
     """
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype={dtype!r}; expected 'float32' or 'float16'")
-    affine, header, protect = _geometry(scan_or_affine, header, input_path)
+    affine, header, protect = _geometry(affine, header, input_path)
     arr = _to_numpy(probabilities, "probabilities")
     if arr.dtype.kind != "f":
         raise TypeError(f"probabilities have dtype {arr.dtype}; expected floating point")
@@ -351,7 +329,7 @@ def write_probabilities(
         raise ValueError(
             f"probabilities have {arr.shape[0]} channels but {len(class_names)} class names"
         )
-    _check_grid(arr.shape[1:], scan_or_affine, header, "probabilities")
+    _check_grid(arr.shape[1:], input_shape, header, "probabilities")
     if not np.isfinite(arr).all():
         raise ValueError("probabilities contain NaN or infinite values")
     arr = np.moveaxis(arr, 0, -1)
@@ -384,22 +362,16 @@ def save_nifti(img: nib.Nifti1Image, path: PathLike, *, input_path: PathLike | N
 
 
 def _geometry(
-    scan_or_affine: Any, header: nib.Nifti1Header | None, input_path: PathLike | None
+    affine: Any, header: nib.Nifti1Header | None, input_path: PathLike | None
 ) -> tuple[np.ndarray, nib.Nifti1Header | None, list[Path]]:
     protect = [Path(input_path)] if input_path is not None else []
-    if hasattr(scan_or_affine, "input_affine"):  # a Scan (duck-typed: scan.py imports us)
-        affine = scan_or_affine.input_affine
-        header = header if header is not None else scan_or_affine.header
-        if getattr(scan_or_affine, "path", None) is not None:
-            protect.append(Path(scan_or_affine.path))
-    else:
-        affine = scan_or_affine
+    given = type(affine).__name__
     if isinstance(affine, torch.Tensor):
         affine = affine.detach().cpu().numpy()
     try:
         affine = np.array(affine, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"expected a Scan or a 4x4 affine, got {type(scan_or_affine)}") from e
+        raise TypeError(f"affine must be a 4x4 matrix (numpy or torch), got {given}") from e
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
     if header is not None and not isinstance(header, nib.Nifti1Header):
@@ -407,16 +379,16 @@ def _geometry(
     return affine, header, protect
 
 
-def _check_grid(shape: tuple, scan_or_affine: Any, header: Any, what: str) -> None:
+def _check_grid(shape: tuple, input_shape: Sequence[int] | None, header: Any, what: str) -> None:
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
         raise ValueError(f"{what} have shape {shape}; expected (x, y, z) on the input grid")
-    expected = getattr(scan_or_affine, "input_shape", None)
+    expected = None if input_shape is None else tuple(int(s) for s in input_shape)
     if expected is None and header is not None:
         expected = spatial_shape(header.get_data_shape(), "the input header's image")
-    if expected is not None and shape != tuple(expected):
+    if expected is not None and shape != expected:
         raise ValueError(
-            f"{what} have spatial shape {shape} but the input grid is {tuple(expected)}; "
+            f"{what} have spatial shape {shape} but the input grid is {expected}; "
             "bring them back to the input grid first (Scan.to_input_grid)"
         )
 

@@ -20,7 +20,7 @@ content, bladder filling and the tissue intensities by a few HU.
 
 Labels are ids of ``fastcascade.config.CLASS_NAMES``; every unlabelled structure
 (bowel, bladder, muscles, bones, iliac and renal vessels, ...) is background, as in
-case A's mapping ``fastcascade.config.CASE_A_TO_CLASSES``.
+case A's mapping ``fastcascade.presets.CASE_A_TO_CLASSES``.
 
 Intensities (HU, before partial-volume blur and noise). Each seed shifts every soft
 tissue (|HU| < 300) by a normal offset of 4 HU standard deviation, and every small-bowel

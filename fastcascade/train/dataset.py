@@ -187,10 +187,10 @@ class NiftiSource:
     """Training volumes from NIfTI ``(ct_path, labels_path)`` pairs.
 
     Each pair is read once (canonical RAS via nibabel, ``label_map`` applied, e.g.
-    ``fastcascade.config.CASE_A_TO_CLASSES``), resampled to ``spacing`` (mm) and kept in
+    ``fastcascade.presets.CASE_A_TO_CLASSES``), resampled to ``spacing`` (mm) and kept in
     memory; a draw picks a pair uniformly with the source's generator.
 
-    >>> from fastcascade.config import CASE_A_TO_CLASSES
+    >>> from fastcascade.presets import CASE_A_TO_CLASSES
     >>> src = NiftiSource([("ct.nii.gz", "seg.nii.gz")], CASE_A_TO_CLASSES)  # doctest: +SKIP
     """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import CascadeConfig
-from ..io.checkpoint import load_cascade, save_cascade
+from ..model.checkpoint import load_cascade, save_cascade
 from ..model.unet3d import UNet3D
 from .trainer import CandidateFn, stage1_candidates, train_stage
 
@@ -92,7 +92,7 @@ def finetune(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> tuple[CascadeConfig, UNet3D, UNet3D]:
-    """Fine-tune the cascade in ``model_files`` (see ``io.checkpoint.load_cascade``) to
+    """Fine-tune the cascade in ``model_files`` (see ``model.checkpoint.load_cascade``) to
     ``new_class_names``, writing ``<out_dir>/model.safetensors`` + ``model.json``.
 
     ``source`` (and ``source2`` for stage 2, default: ``source``) yields volumes on the

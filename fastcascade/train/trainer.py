@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import CascadeConfig
 from ..io.atomic import atomic_write
-from ..io.checkpoint import (
+from ..model.checkpoint import (
     check_state_dict,
     load_training_checkpoint,
     save_training_checkpoint,

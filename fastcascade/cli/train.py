@@ -1,15 +1,13 @@
-"""The ``fastcascade train`` and ``fastcascade finetune`` commands.
-
-``register(subparsers)`` adds both to the ``fastcascade`` parser (``cli.py`` calls it);
-each command is ``_cmd_<name>(args) -> int``, the exit status.
+"""``fastcascade train`` and ``fastcascade finetune``: train a cascade, or adapt one to
+another class list.
 
     $ fastcascade train --out runs/phantoms --iterations 2000
     $ fastcascade train --out runs/ct --csv pairs.csv --label-map case_a --resume
     $ fastcascade finetune --model runs/ct/model.safetensors --classes background,liver \\
           --csv pairs.csv --label-map map.json --out runs/ft --iterations 500
 
-A CSV lists one training case per line, ``ct,labels`` (paths relative to the CSV's
-folder or absolute; ``io.pathlist``); a first line ``ct,labels`` is read as a header.
+The CSV format is ``train/sources.py``'s; the model options of ``train`` default to the
+shipped model's recipe (``presets.default_config``).
 """
 
 from __future__ import annotations
@@ -18,65 +16,33 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
-from ..io.nifti import read_label_map
-from ..io.pathlist import read_path_rows
+from ..presets import default_config
+from . import arguments
 
 
-def default_config(
-    base_channels: int = 8,
-    levels: int = 4,
-    padding: str = "same",
-    spacing: float = 3.0,
-    tile: int = 64,
-    class_names=CLASS_NAMES,
-) -> CascadeConfig:
-    """The default (small) model's config: stage 1 windowed to [-1000, 1000] HU, stage 2
-    to the soft-tissue window [-200, 400] HU, isotropic ``spacing`` mm, ``tile``³ voxels."""
-    arch = Architecture(
-        in_channels=1,
-        num_classes=len(class_names),
-        base_channels=base_channels,
-        levels=levels,
-        padding=padding,
-    )
-    tiles = (tile, tile, tile)
-    return CascadeConfig(
-        class_names=tuple(class_names),
-        spacing=(spacing, spacing, spacing),
-        stage1=StageConfig(window=(-1000.0, 1000.0), tile=tiles, architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=tiles, architecture=arch),
-    )
+def _source(args: argparse.Namespace, spacing, seed: int):
+    from ..presets import read_label_map
+    from ..train.sources import training_source
 
-
-def read_pairs(csv_path: str | Path) -> list[tuple[Path, Path]]:
-    """``(ct, labels)`` paths from a two-column CSV (see the module docstring)."""
-    pairs = [tuple(paths) for _, paths in read_path_rows(csv_path, ("ct", "labels"))]
-    if not pairs:
-        raise ValueError(f"{csv_path} lists no (ct, labels) pairs")
-    return pairs
-
-
-def _source(args, spacing, seed):
-    from .dataset import NiftiSource, PhantomSource
-
-    if args.csv is not None:
-        return NiftiSource(read_pairs(args.csv), read_label_map(args.label_map), spacing, seed)
-    return PhantomSource(
+    if args.csv is None:  # phantoms: a --label-map given anyway is not read
+        label_map = None
+    else:
+        label_map = read_label_map(args.label_map, arguments.LABEL_MAP_OPTION)
+    return training_source(
         spacing,
-        seed=seed,
+        seed,
+        csv=args.csv,
+        label_map=label_map,
         pool_size=args.pool_size,
         refresh_every=args.refresh_every,
-        contrasts=tuple(args.contrasts.split(",")),
+        contrasts=args.contrasts.split(","),
     )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--csv", type=Path, help="CSV of ct,labels NIfTI pairs (default: phantoms)")
-    data.add_argument(
-        "--label-map", default=None, help="label ids onto classes: case_a, none or a JSON file"
-    )
+    arguments.add_label_map(data, "label ids onto classes: case_a, none or a JSON file")
     data.add_argument("--pool-size", type=int, default=4, help="phantoms kept in memory")
     data.add_argument("--refresh-every", type=int, default=8, help="draws between new phantoms")
     data.add_argument(
@@ -106,12 +72,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=1000, help="per stage")
     p.add_argument("--iterations2", type=int, default=None, help="stage 2 (default: same)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    arch = p.add_argument_group("model")
-    arch.add_argument("--base-channels", type=int, default=8)
-    arch.add_argument("--levels", type=int, default=4)
-    arch.add_argument("--padding", choices=("same", "valid"), default="same")
-    arch.add_argument("--spacing", type=float, default=3.0, help="working grid, mm")
-    arch.add_argument("--tile", type=int, default=64, help="sub-volume edge, voxels")
+    # The defaults are the shipped model's recipe (presets.default_config).
+    preset = default_config()
+    shipped = preset.stage1.architecture
+    arch = p.add_argument_group("model (defaults: the shipped model's)")
+    arch.add_argument(
+        "--base-channels",
+        type=int,
+        default=shipped.base_channels,
+        help="width of the first convolution (default: %(default)s)",
+    )
+    arch.add_argument(
+        "--levels", type=int, default=shipped.levels, help="U-Net levels (default: %(default)s)"
+    )
+    arch.add_argument(
+        "--padding",
+        choices=("same", "valid"),
+        default=shipped.padding,
+        help="convolution padding (default: %(default)s)",
+    )
+    arch.add_argument(
+        "--spacing",
+        type=float,
+        default=preset.spacing[0],
+        help="working grid, mm (default: %(default)s)",
+    )
+    arch.add_argument(
+        "--tile",
+        type=int,
+        default=preset.stage1.tile[0],
+        help="sub-volume edge, voxels (default: %(default)s)",
+    )
     arch.add_argument(
         "--stage2-regions",
         choices=("stage1", "labels"),
@@ -126,7 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune a cascade to another class list",
         description="Keep a cascade's weights and the classifier rows of classes kept by "
-        "name, train both stages with a 10x smaller learning rate, write OUT/model.*.",
+        "name, train both stages with the learning rate scaled by --lr-scale, write "
+        "OUT/model.*.",
     )
     f.add_argument("--model", required=True, type=Path, help="cascade (.safetensors + .json)")
     f.add_argument(
@@ -163,8 +155,8 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..io.checkpoint import save_cascade
-    from .trainer import ground_truth_candidates, stage1_candidates, train_stage
+    from ..model.checkpoint import save_cascade
+    from ..train.trainer import ground_truth_candidates, stage1_candidates, train_stage
 
     _setup(args)
     config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
@@ -192,7 +184,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune
+    from ..model.checkpoint import load_config
+    from ..train.finetune import finetune
 
     _setup(args)
     if args.csv is None:
@@ -202,8 +195,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         names = json.loads(Path(classes).read_text())
     else:
         names = [c.strip() for c in classes.split(",") if c.strip()]
-    from ..io.checkpoint import load_config
-
     spacing = load_config(args.model).spacing
     finetune(
         args.model,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fastcascade.config import Architecture, CascadeConfig, StageConfig
 from fastcascade.io.atomic import atomic_write
-from fastcascade.io.checkpoint import (
+from fastcascade.model.checkpoint import (
     FORMAT,
     load_cascade,
     load_state_any,

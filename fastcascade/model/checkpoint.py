@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..config import CascadeConfig
-from ..model.unet3d import UNet3D
-from .atomic import atomic_write
+from ..io.atomic import atomic_write
+from .unet3d import UNet3D
 
 FORMAT = "fastcascade-cascade"
 STAGES = ("stage1", "stage2")
@@ -100,7 +100,7 @@ def load_config(path: str | Path) -> CascadeConfig:
     data = {k: v for k, v in data.items() if k != "format"}
     try:
         return CascadeConfig.from_dict(data)
-    except (KeyError, TypeError) as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path} does not follow the cascade config schema: {err}") from err
 
 

@@ -1,0 +1,53 @@
+"""``fastcascade env``: versions, CUDA devices and the backends available."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``env`` to the ``fastcascade`` command's subparsers."""
+    p = sub.add_parser("env", help="versions, CUDA devices and available backends")
+    p.set_defaults(func=_cmd_env)
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import torch
+
+    print(f"fastcascade {package_version()}")
+    print(f"python      {platform.python_version()} ({platform.platform()})")
+    for name in ("torch", "triton", "numpy", "scipy", "nibabel"):
+        print(f"{name:<11} {_module_version(name)}")
+    print(f"torch CUDA  {torch.version.cuda or 'none (CPU build)'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            print(
+                f"cuda:{i}      {props.name}, sm_{props.major}{props.minor}, "
+                f"{props.total_memory / 2**30:.1f} GiB"
+            )
+    else:
+        print("CUDA        no device available")
+    from ..ops import _backend
+
+    print("backends:")
+    for key, value in _backend.summary().items():
+        print(f"  {key:<17} {value}")
+    return 0
+
+
+def _module_version(name: str) -> str:
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return "not installed"
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def package_version() -> str:
+    """``fastcascade.__version__``."""
+    import fastcascade
+
+    return fastcascade.__version__

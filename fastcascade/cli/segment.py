@@ -1,0 +1,137 @@
+"""``fastcascade segment INPUT -o OUTPUT``: labels (and probabilities) for one CT scan.
+
+$ fastcascade segment ct.nii.gz -o seg.nii.gz --probabilities probs.nii.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``segment`` to the ``fastcascade`` command's subparsers."""
+    p = sub.add_parser(
+        "segment",
+        help="segment a CT scan (NIfTI) into organ labels",
+        description="Segment INPUT (a .nii/.nii.gz CT in HU) and write the labels on its "
+        "own grid, with a JSON of label names beside them.",
+    )
+    p.add_argument("input", metavar="INPUT", type=Path, help="CT scan, .nii or .nii.gz")
+    p.add_argument("-o", "--output", required=True, type=Path, help="label file (.nii or .nii.gz)")
+    p.add_argument("--model", default=None, help="saved cascade (default: the embedded model)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        type=arguments.device,
+        help="auto (a GPU if present, else the CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    p.add_argument(
+        "--probabilities", metavar="FILE", type=Path, help="also write class probabilities"
+    )
+    p.add_argument(
+        "--fp16-probabilities",
+        action="store_true",
+        help="store probabilities in 16 bits (uint16 scaled by 1/65535) instead of float32",
+    )
+    p.add_argument(
+        "--no-overlap", action="store_true", help="stage 2 on non-overlapping tiles (faster)"
+    )
+    p.add_argument(
+        "--batch-size", type=arguments.positive_int, default=2, help="tiles per batch (default: 2)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    p.set_defaults(func=_cmd_segment, parser=p)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    import fastcascade  # segment() looked up at call time (tests replace it)
+
+    from ..io.atomic import same_file
+    from ..io.nifti import label_names_path
+
+    if args.fp16_probabilities and args.probabilities is None:
+        args.parser.error("--fp16-probabilities needs --probabilities FILE")
+    source: Path = args.input
+    if not source.exists():
+        raise FileNotFoundError(f"input scan {source} does not exist")
+    outputs = [args.output, label_names_path(args.output)]
+    if args.probabilities is not None:
+        outputs += [args.probabilities, label_names_path(args.probabilities)]
+        if same_file(args.probabilities, args.output):
+            raise ValueError("--probabilities and --output name the same file")
+    for out in outputs:  # checked before the work, and again by the writers
+        if same_file(out, source):
+            raise ValueError(f"refusing to write {out}: it is the input scan")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"output folder {out.parent} does not exist")
+
+    progress = _TileProgress(disable=args.quiet)
+    try:
+        result = fastcascade.segment(
+            str(source),
+            model=args.model,
+            device=args.device,
+            overlap=not args.no_overlap,
+            probabilities=args.probabilities is not None,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+
+    t0 = time.perf_counter()
+    result.save(
+        args.output,
+        args.probabilities,
+        "float16" if args.fp16_probabilities else "float32",
+    )
+    if not args.quiet:
+        timings = {**result.timings, "write": time.perf_counter() - t0}
+        print(_summary(result, timings, outputs))
+    return 0
+
+
+class _TileProgress:
+    """``progress(stage, done, total)`` for ``segment``: one tqdm bar per stage, on stderr."""
+
+    def __init__(self, disable: bool) -> None:
+        self.disable = disable
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.disable:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage or self.bar is None:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="tile", file=sys.stderr, leave=True)
+        if total != self.bar.total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _summary(result, timings: dict[str, float], outputs: Sequence[Path]) -> str:
+    lines = ["times (s):"]
+    lines += [f"  {name:<14}{seconds:8.2f}" for name, seconds in timings.items()]
+    lines.append(
+        f"C1 (body) {100 * result.c1_fraction:.1f}% of the volume, "
+        f"C2 (candidates) {100 * result.c2_fraction:.1f}%"
+    )
+    for stage, (computed, total) in result.tiles.items():
+        lines.append(f"{stage}: {computed} of {total} tiles computed")
+    lines.append("wrote " + ", ".join(str(p) for p in outputs))
+    return "\n".join(lines)
