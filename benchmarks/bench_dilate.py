@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import common
 import numpy as np
 import torch
 from bench_kernels import _try, device_peaks
@@ -225,6 +226,7 @@ def run_dilate(args, rec) -> None:
         "3 reps after 1 warm-up"
     )
     meta["peaks"] = peaks
+    meta["load_average_start"] = common.load_average()  # other work makes CPU times noisy
     meta["traffic_model"] = "2 bytes per voxel: the mask or labels read once, bool written once"
     meta["edt_element"] = {
         case: edt_element_check(radius, spacing) for case, (_, radius, spacing) in cases.items()
@@ -246,6 +248,7 @@ def run_dilate(args, rec) -> None:
             peaks=peaks,
         )
     _speedups(rec.data["results"])
+    meta["load_average_end"] = common.load_average()
     rec.flush()
     title = f"# Ball dilation (candidate map C2) on {meta['device']}\n\n"
     if args.cpu:
@@ -264,6 +267,9 @@ def run_dilate(args, rec) -> None:
         )
         checks.append(f"- {case}: EDT ball vs `structuring_element`: {routes}")
     title += "\n".join(checks) + "\n\n"
+    load = meta["load_average_start"]
+    if not cuda and "1min" in load:
+        title += f"Load average at the start: {load['1min']:.1f} on {load['cores']} cores.\n\n"
     path = rec.write_markdown(title + markdown_table(rec.data["results"], COLUMNS))
     print(f"table: {path}")
 
