@@ -4,8 +4,8 @@ The structuring element (``docs/conventions.md``, "Geometry"): the
 offsets ``(i, j, k)`` with ``(i·sx)² + (j·sy)² + (k·sz)² ≤ (r·min(s))²``, i.e. a ball of
 radius r voxels on an isotropic grid and the ball of radius ``r × finest spacing`` mm, an
 ellipsoid in voxels, on an anisotropic one. The input is a bool mask or a label map
-(any integer dtype, foreground = ``label > 0``), so the cascade's labels need no extra
-pass to become a mask; the output is a bool ``(x, y, z)`` volume.
+(uint8, int8, int16, int32 or int64; foreground = ``label > 0``), so the cascade's labels
+need no extra pass to become a mask; the output is a bool ``(x, y, z)`` volume.
 
 Every ``(i, j)`` column of the element is one run of offsets ``-w..w`` along z (the
 element is convex and symmetric), so
@@ -36,10 +36,13 @@ plus ``n_w·N/8`` for the packed ``Dz_w`` words (written by kernel 1, read by ke
 instruction count is of the same order (sm_90 PTX: kernel 1 ≈ 10 instructions per voxel,
 byte extraction and packing; kernel 2 ≈ 6 per column per word plus ≈ 3 per voxel to
 unpack, ≈ 8–9 per voxel at r = 3; about 10–12 µs of issue at full occupancy on 132 SMs),
-so the estimate for 256³, r = 3 on an H100 is **15–30 µs**
-for both launches, against 0.995 ms for a simple Triton kernel (one byte load per
-element offset, 123 per voxel at r = 3) and 1.51 ms for CuPy's EDT route; it has not
-been measured on a GPU yet (``benchmarks/bench_dilate.py`` does). Alternatives weighed:
+so the estimate for 256³, r = 3 on an H100 is **15–30 µs** for both launches, against
+0.995 ms for a simple Triton kernel (one byte load per element offset, 123 per voxel at
+r = 3) and 1.51 ms for CuPy's EDT route; it has not been measured on a GPU yet
+(``benchmarks/bench_dilate.py`` does). Rows whose length ``Z`` is not a multiple of 16
+(e.g. the 150 slices of a half-resolution grid) cannot be moved as 16-byte vectors:
+there every voxel is its own byte load and store, with smaller blocks
+(:data:`GPU_BLOCKS_UNALIGNED`), perhaps 1.5–2× slower. Alternatives weighed:
 byte-wise z-dilation (``2w + 1`` unaligned byte loads per voxel, ≈ 40 operations per
 voxel) and byte-wise column ORs (29 byte loads per voxel from L2, ≈ 0.5 GB at 256³)
 both cost several times more than the packed words; a single fused kernel would need the
