@@ -32,6 +32,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "kernels": ("bench_kernels", "run_kernels"),
     "tune": ("bench_tune", "run_tune"),
     "morphology": ("bench_morphology", "run_morphology"),
+    "dilate": ("bench_dilate", "run_dilate"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Compile the conv-BN-ReLU kernel for sm_90 (H100) without a GPU and check its resources.
+"""Compile the conv-BN-ReLU and dilation kernels for sm_90 (H100) without a GPU and check
+their resources.
 
 Runs only with ``FASTCASCADE_TEST_COMPILE=1`` (a separate pytest process, where
 ``TRITON_INTERPRET`` is off: the interpreter and the compiler cannot share a process). Each
@@ -195,3 +196,128 @@ def test_kernel_compiles_for_sm90(variant, tmp_path, capsys):
     if not flat:
         # ... fed by an asynchronous copy pipeline (the loop was software-pipelined).
         assert r["cp_async"] > 0, "the K loop was not pipelined"
+
+
+# -- the dilation's two kernels (fastcascade/ops/dilate.py) --------------------------------------
+DILATE_PTRS = {
+    "pack": {"m_ptr": None, "s_ptr": "*i32", "slot_ptr": "*i32"},
+    "columns": {"s_ptr": "*i32", "col_ptr": "*i32", "out_ptr": "*u8"},
+}
+TRITON_POINTER_TYPES = {
+    torch.uint8: "*u8",  # bool masks are passed as their bytes
+    torch.int8: "*i8",
+    torch.int16: "*i16",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+}
+
+
+@dataclass(frozen=True)
+class DilateVariant:
+    kernel: str  # "pack" or "columns"
+    shape: tuple[int, int, int]
+    radius: int
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    dtype: torch.dtype = torch.uint8  # the input's (pack kernel)
+    int64: bool = False  # sizes passed as i64, as for volumes past 2^31 voxels
+
+    def __str__(self) -> str:
+        size = "x".join(map(str, self.shape))
+        aniso = "" if self.spacing == (1.0, 1.0, 1.0) else "-" + "x".join(map(str, self.spacing))
+        dtype = f"-{str(self.dtype).removeprefix('torch.')}" if self.kernel == "pack" else ""
+        return f"{self.kernel}-{size}-r{self.radius}{aniso}{dtype}{'-i64' if self.int64 else ''}"
+
+
+def _dilate_variants() -> list[DilateVariant]:
+    out = []
+    for kernel in ("pack", "columns"):
+        out += [
+            DilateVariant(kernel, (256, 256, 256), 3),  # aligned rows: vector accesses
+            DilateVariant(kernel, (122, 101, 112), 3),  # case A's grid
+            DilateVariant(kernel, (13, 9, 11), 1),  # odd sizes, wmax = 1 (a constant)
+            DilateVariant(kernel, (13, 9, 11), 0),  # r = 0: one column, no z steps
+            DilateVariant(kernel, (256, 256, 256), 3, int64=True),
+        ]
+    # the half-resolution working grid (unaligned rows), every HALO the launcher picks
+    # (4, 8, 16, 32) on aligned and unaligned rows, every label dtype
+    out += [DilateVariant(k, (256, 256, 150), 3, (1.5, 1.5, 2.0)) for k in ("pack", "columns")]
+    out += [
+        DilateVariant("pack", (40, 41, z), r, spacing)
+        for z in (128, 130)
+        for r, spacing in ((7, (8.0, 8.0, 1.0)), (9, (4.0, 4.0, 1.0)), (31, (40.0, 40.0, 1.0)))
+    ]
+    out += [
+        DilateVariant("pack", (122, 101, 112), 3, dtype=d)
+        for d in (torch.int8, torch.int16, torch.int32, torch.int64)
+    ]
+    return out
+
+
+def compile_dilate_variant(v: DilateVariant):
+    """Compile one of the dilation's kernels for sm_90 with the launcher's arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastcascade.ops import dilate as d
+
+    element = d.structuring_element(v.radius, v.spacing)
+    slot_of_w, columns = d._tables(element)
+    wmax = len(slot_of_w) - 1
+    x, y, z = v.shape
+    nw = -(-z // 32)
+    ints = {
+        "X": x,
+        "Y": y,
+        "Z": z,
+        "NW": nw,
+        "plane_words": y * nw,
+        "n_words": x * y * nw,
+        "wmax": wmax,
+        "n_cols": len(columns),
+    }
+    bx, bp, warps = d.gpu_blocks(v.kernel, aligned=z % 16 == 0)
+    constexprs = {"BX": bx, "BP": bp}
+    kernel = d._pack_z_kernel if v.kernel == "pack" else d._or_columns_kernel
+    if v.kernel == "pack":
+        constexprs["HALO"] = d._halo_voxels(wmax)
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = DILATE_PTRS[v.kernel][name] or TRITON_POINTER_TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1 and not v.int64:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i64" if v.int64 else "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+@pytest.mark.parametrize("variant", _dilate_variants(), ids=str)
+def test_dilate_kernel_compiles_for_sm90(variant, tmp_path, capsys):
+    compiled = compile_dilate_variant(variant)
+    assert compiled.asm["cubin"], "no cubin produced"
+    r = resource_report(compiled, tmp_path)
+    ptx = compiled.asm["ptx"]
+    vector = len(re.findall(r"(?:ld|st)\.global(?:\.\w+)*\.v[24]", ptx))
+    with capsys.disabled():
+        print(
+            f"\n[sm_90] {str(variant):<44}: regs {r.get('registers', '?'):>3}  spills "
+            f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} B  smem "
+            f"{r['shared_bytes']:>5} B  vector accesses {vector:>2}",
+            end="",
+        )
+    assert r["shared_bytes"] <= SM90_SHARED_LIMIT
+    if "registers" in r:
+        assert r["registers"] <= 255
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, "the kernel spills"
+    if variant.shape[2] % 16 == 0 and variant.dtype == torch.uint8:
+        # Rows that start 16-byte aligned: the voxels move as 16-byte vectors (the input
+        # bytes in the pack kernel, the output bytes in the columns kernel).
+        access = r"ld\.global\.v4" if variant.kernel == "pack" else r"st\.global\.v4"
+        assert re.search(access, ptx), "the voxel accesses are not vectorised"
