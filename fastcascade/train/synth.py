@@ -114,12 +114,12 @@ measurement by magnetic resonance imaging and computerized tomography", J Appl P
 85:115-122; Pickhardt PJ et al. (2013), "Opportunistic screening for osteoporosis using
 abdominal computed tomography scans obtained for other indications", Ann Intern Med
 158:588-595; Israel GM, Bosniak MA (2005), "An update of the Bosniak renal cyst
-classification system", Urology 66:484-488; case A's measured label means (see
-``shared/data/README.md``). The ranges are rounded textbook values widened to whole-label
-means (partial volume), approximations chosen to cover real scans, not fits.
+classification system", Urology 66:484-488; case A's measured label means
+(TotalSegmentator's test CT, measured for this table). The ranges are rounded textbook
+values widened to whole-label means (partial volume), approximations chosen to cover real scans, not fits.
 
-The references are cited as remembered, without access to the papers where this
-was written: check volume and page numbers before quoting them elsewhere.
+The references' volume and page numbers have not been checked against the papers:
+verify them before quoting them elsewhere.
 
 Shapes, dtypes and units: ``label_map`` ``(x, y, z)`` of an integer dtype (ids as in the
 source's label map; every nonzero id must be in ``names``; the structure -> class mapping
