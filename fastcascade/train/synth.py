@@ -116,7 +116,8 @@ abdominal computed tomography scans obtained for other indications", Ann Intern 
 158:588-595; Israel GM, Bosniak MA (2005), "An update of the Bosniak renal cyst
 classification system", Urology 66:484-488; case A's measured label means
 (TotalSegmentator's test CT, measured for this table). The ranges are rounded textbook
-values widened to whole-label means (partial volume), approximations chosen to cover real scans, not fits.
+values widened to whole-label means (partial volume), approximations chosen to cover real
+scans, not fits.
 
 The references' volume and page numbers have not been checked against the papers:
 verify them before quoting them elsewhere.
