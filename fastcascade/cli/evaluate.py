@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "std, median, min, max); with stage-1 maps also their Dice, the Wilcoxon "
         "signed-rank p-value per organ and the candidate region's recall and false-positive "
         "rate for each r. CSV lines: prediction,reference[,stage1] (paths relative to the "
-        "CSV's folder or absolute).",
+        "CSV's folder or absolute). Labels are compared in physical space: on one grid, "
+        "or one grid up to flips and axis order (reoriented exactly); other grids are "
+        "refused unless --resample.",
     )
     p.add_argument("--csv", required=True, type=Path, help="CSV of prediction,reference[,stage1]")
     arguments.add_label_map(
@@ -30,8 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--radii",
         type=arguments.radii,
-        default="0,1,2,3,4,5",
+        default="0,1,2,3,4,5,6",
         help="dilation radii r for C2, voxels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="resample labels on other grids onto the reference's by nearest neighbour "
+        "instead of refusing them",
     )
     p.set_defaults(func=_cmd_evaluate)
 
@@ -44,7 +52,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.is_dir():
         raise IsADirectoryError(f"--out {args.out} is a folder; expected a JSON file name")
     label_map = read_label_map(args.label_map, arguments.LABEL_MAP_OPTION)
-    report = evaluate_cases(read_cases(args.csv), label_map, args.radii)
+    report = evaluate_cases(read_cases(args.csv), label_map, args.radii, resample=args.resample)
     print(report_markdown(report))
     if args.out is not None:
         text = report_json({"csv": str(args.csv), "label_map": args.label_map, **report})
