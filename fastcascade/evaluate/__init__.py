@@ -6,14 +6,16 @@ and false-positive rate against the dilation radius r (the paper's Fig. 6).
   organs a reference holds and which its field of view cuts;
 - ``geometry``: label maps compared in physical space (one grid, one grid up to
   orientation, or resampled on request; anything else refused);
+- ``scans``: a model run on CT scans, ``ct,reference`` a line (``evaluate_model``);
 - ``predictions``: given label files, ``prediction,reference[,stage1]`` a line
   (``evaluate_cases``);
 - ``report``: the tables, as a dict, JSON, markdown and a folder with a plot.
 
 Label maps are integer arrays ``(x, y, z)`` with class ids ``0 .. num_classes - 1``
 (0 = background, see ``fastcascade.config.CLASS_NAMES``); Dice values are fractions in
-[0, 1]. The ``fastcascade evaluate`` command runs it over label files:
+[0, 1]. The ``fastcascade evaluate`` command runs either mode:
 
+    $ fastcascade evaluate --model default --csv scans.csv --label-map case_a --out report/
     $ fastcascade evaluate --csv predictions.csv --label-map case_a --out report.json
 """
 
@@ -30,12 +32,14 @@ from .metrics import (
 )
 from .predictions import DEFAULT_RADII, evaluate_cases, read_cases, read_reference
 from .report import markdown_table, report_json, report_markdown, summary_report, write_report
+from .scans import ScanCase, evaluate_model, evaluate_scan, read_scan_cases
 
 __all__ = [
     "DEFAULT_RADII",
     "LINEAR_RTOL",
     "TRANSLATION_ATOL_MM",
     "Grid",
+    "ScanCase",
     "align_labels",
     "candidate_recall_fpr",
     "check_grids",
@@ -44,9 +48,12 @@ __all__ = [
     "dice",
     "dice_from_confusion",
     "evaluate_cases",
+    "evaluate_model",
+    "evaluate_scan",
     "markdown_table",
     "read_cases",
     "read_reference",
+    "read_scan_cases",
     "reference_coverage",
     "report_json",
     "report_markdown",
