@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from nibabel import orientations
 
+from ..io.nifti import load_nifti, spatial_shape
+
 __all__ = [
     "LINEAR_RTOL",
     "TRANSLATION_ATOL_MM",
@@ -77,8 +79,6 @@ class Grid:
     @classmethod
     def of_file(cls, path: str | Path) -> Grid:
         """The grid of a NIfTI file, from its header (no voxel data are read)."""
-        from ..io.nifti import load_nifti, spatial_shape
-
         img = load_nifti(path)
         return cls(spatial_shape(img.shape, str(path)), img.affine)
 
