@@ -753,3 +753,38 @@ def test_a_shifted_prediction_is_refused_or_resampled_on_request(tmp_path, capsy
     assert got["dice"] == {"liver": 0.0, "spleen": 1.0}
     status, out, err = _run(capsys, "--csv", tmp_path / "far.csv", "--resample")
     assert status == 0 and "| liver | 1 | 0.000 |" in out
+
+
+def test_case_a_reference_stored_flipped_scores_one_and_flags_the_cut_organs(
+    case_a_paths, tmp_path, capsys
+):
+    """Real geometry: case A's own labels, mapped onto our classes and stored in LPS order,
+    against the original file: every organ Dice 1; the organs the field of view cuts are
+    those reaching a face of the scan."""
+    import json
+
+    import nibabel as nib
+
+    from fastcascade.io.nifti import map_labels
+    from fastcascade.presets import CASE_A_TO_CLASSES
+
+    _, seg_path = case_a_paths
+    seg = nib.load(seg_path)
+    classes = map_labels(np.asarray(seg.dataobj), CASE_A_TO_CLASSES).astype(np.uint8)
+    n = np.array(classes.shape) - 1
+    flip = np.array([[-1, 0, 0, n[0]], [0, -1, 0, n[1]], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    _write(tmp_path / "lps.nii.gz", classes[::-1, ::-1], names=CLASS_NAMES,
+           affine=seg.affine @ flip)  # fmt: skip
+    (tmp_path / "cases.csv").write_text(f"lps.nii.gz,{seg_path}\n")
+    out_path = tmp_path / "report.json"
+    status, out, err = _run(
+        capsys, "--csv", tmp_path / "cases.csv", "--label-map", "case_a", "--out", out_path
+    )
+    assert status == 0, err
+    (case,) = json.loads(out_path.read_text())["cases"]
+    assert case["alignment"] == {"prediction": "reoriented"}
+    assert case["dice"] == dict.fromkeys(CLASS_NAMES[1:], 1.0)
+    faces = np.zeros(classes.shape, bool)
+    faces[[0, -1]] = faces[:, [0, -1]] = faces[:, :, [0, -1]] = True
+    cut = [name for c, name in enumerate(CLASS_NAMES) if c and (classes[faces] == c).any()]
+    assert case["cut"] == cut and "liver" in cut and case["absent"] == []
