@@ -110,6 +110,35 @@ def candidate_region(
     return c1, first, c2
 
 
+def second_stage(
+    image_hu: torch.Tensor,
+    stage2: UNet3D,
+    c2: torch.Tensor,
+    config: CascadeConfig,
+    options: InferenceOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> StageOutput:
+    """Stage 2 over the candidate region ``c2`` (bool (X, Y, Z), from
+    :func:`candidate_region`) of ``image_hu`` on the working grid, on overlapping tiles
+    when ``options.overlap``.
+
+    Apart from :func:`run_cascade`, evaluation calls it twice on one stage 1, with and
+    without overlap.
+    """
+    options = InferenceOptions() if options is None else options
+    return _stage(
+        stage2,
+        image_hu,
+        c2,
+        config.stage2,
+        config.num_classes,
+        options,
+        overlap=options.overlap,
+        probabilities=options.probabilities,
+        progress=progress,
+    )
+
+
 def run_cascade(
     image_hu: torch.Tensor,
     stage1: UNet3D,
@@ -131,17 +160,7 @@ def run_cascade(
     options = InferenceOptions() if options is None else options
     clock = Clock(image_hu.device) if clock is None else clock
     c1, first, c2 = candidate_region(image_hu, stage1, config, options, report("stage1"), clock)
-    second = _stage(
-        stage2,
-        image_hu,
-        c2,
-        config.stage2,
-        config.num_classes,
-        options,
-        overlap=options.overlap,
-        probabilities=options.probabilities,
-        progress=report("stage2"),
-    )
+    second = second_stage(image_hu, stage2, c2, config, options, report("stage2"))
     clock.lap("stage2")
     return CascadeOutput(first, second, c1, c2, clock.timings)
 

@@ -1,4 +1,5 @@
-"""Preview pictures: a CT with its labels overlaid, as one PNG.
+"""Pictures: a CT with its labels overlaid, and the candidate region's recall and
+false-positive rate against the dilation radius r (the paper's Fig. 6), each one PNG.
 
 Needs matplotlib (``pip install fastcascade[viz]``); it is imported only when a picture is
 drawn, so the rest of the package works without it.
@@ -18,7 +19,7 @@ import numpy as np
 
 from .config import CLASS_NAMES
 
-__all__ = ["overlay_png", "label_colours"]
+__all__ = ["candidates_png", "label_colours", "overlay_png"]
 
 # Distinct colours for the default classes (RGB 0..1); further ids cycle through tab20.
 _COLOURS = {
@@ -151,4 +152,65 @@ def overlay_png(
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def candidates_png(
+    candidates: Sequence[dict],
+    path: str | PathLike,
+    radius: int | None = None,
+    title: str = "Candidate region C2 against the dilation radius r",
+) -> None:
+    """Write a PNG of C2's recall and false-positive rate against r (the paper's Fig. 6).
+
+    Args:
+        candidates: one dict per r with ``radius`` (voxels), ``recall_mean``,
+            ``recall_min`` and ``fpr_mean`` (fractions; ``None``/NaN where undefined), as
+            in ``fastcascade.evaluate.summary_report(...)["candidates"]``.
+        path: where to write the PNG.
+        radius: the model's own r, marked with a vertical line (``None``: no mark).
+        title: the figure's title.
+
+    Recall (mean over the cases, and the worst case) is read on the left axis, the
+    false-positive rate (mean) on the right one, both as percentages.
+
+    Example::
+
+        >>> rows = [{"radius": r, "recall_mean": 1 - 0.1 / (r + 1), "recall_min": 0.8,
+        ...          "fpr_mean": 0.01 * r} for r in range(7)]
+        >>> candidates_png(rows, "/tmp/candidates.png", radius=3)
+    """
+    if not candidates:
+        raise ValueError("candidates is empty; expected one dict per radius r")
+    missing = {"radius", "recall_mean", "recall_min", "fpr_mean"} - set(candidates[0])
+    if missing:
+        raise ValueError(f"candidates rows lack {sorted(missing)}")
+
+    def column(key):
+        return np.array([np.nan if c[key] is None else c[key] for c in candidates], float) * 100
+
+    r = [int(c["radius"]) for c in candidates]
+    plt = _pyplot()
+    fig, left = plt.subplots(figsize=(6.4, 4.2))
+    right = left.twinx()
+    lines = left.plot(r, column("recall_mean"), "o-", color="tab:blue", label="recall, mean")
+    lines += left.plot(r, column("recall_min"), "o--", color="tab:blue", alpha=0.5,
+                       label="recall, worst case")  # fmt: skip
+    lines += right.plot(r, column("fpr_mean"), "s-", color="tab:red", label="FPR, mean")
+    if radius is not None:
+        lines.append(
+            left.axvline(radius, color="gray", linestyle=":", label=f"model's r = {radius}")
+        )
+    lowest = np.nanmin(np.concatenate([column("recall_mean"), column("recall_min"), [100.0]]))
+    left.set_ylim(max(0.0, lowest - 0.1 * (100.0 - lowest) - 1.0), 100.5)  # never above 100 %
+    right.set_ylim(bottom=0.0)
+    left.set_xlabel("dilation radius r (voxels of the working grid)")
+    left.set_ylabel("recall (%)", color="tab:blue")
+    right.set_ylabel("false-positive rate (%)", color="tab:red")
+    left.set_xticks(r)
+    left.set_title(title)
+    left.grid(alpha=0.3)
+    left.legend(handles=lines, loc="best", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

@@ -305,12 +305,13 @@ RADII = (0, 1, 2)
 CASE_A_IDS = {"liver": 5, "spleen": 1}  # fastcascade.presets.CASE_A_TO_CLASSES
 
 
-def _write(path, labels, zooms=(1.0, 1.0, 1.0), names=None):
+def _write(path, labels, zooms=(1.0, 1.0, 1.0), names=None, affine=None):
     import json
 
     import nibabel as nib
 
-    nib.save(nib.Nifti1Image(labels, np.diag([*zooms, 1.0])), path)
+    affine = np.diag([*zooms, 1.0]) if affine is None else affine
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(labels), affine), path)
     if names is not None:
         names_json = {str(i): n for i, n in enumerate(names)}
         path.with_name(path.name.removesuffix(".nii.gz") + ".json").write_text(
@@ -543,3 +544,247 @@ def test_label_map_that_is_not_an_object_is_a_value_error(tmp_path):
     path.write_text("[5, 1]")
     with pytest.raises(ValueError, match="JSON object"):
         read_label_map(str(path))
+
+
+# ----------------------------------------------------------------------------------------
+# Absent and cut organs, the report's comparisons
+# ----------------------------------------------------------------------------------------
+
+
+def test_scored_dice_leaves_out_what_the_reference_lacks():
+    from fastcascade.evaluate import scored_dice
+
+    got, voxels = scored_dice(PRED, REF, 4)
+    np.testing.assert_allclose(got, BY_HAND, rtol=1e-12, equal_nan=True)
+    assert voxels.tolist() == [1, 2, 3, 0]
+    pred = PRED.copy()
+    pred[0, 0, 0] = 3  # class 3: predicted once, not in the reference -> not scored
+    got, voxels = scored_dice(pred, REF, 4)
+    assert math.isnan(got[3]) and voxels[3] == 1
+    assert dice(pred, REF, 4)[3] == 0.0  # plain Dice scores it 0
+
+
+def test_reference_coverage_against_faces_by_hand():
+    from fastcascade.evaluate import reference_coverage
+
+    ref = np.zeros((5, 6, 7), np.uint8)
+    ref[1:4, 1:5, 1:6] = 1  # inside: not cut
+    ref[2, 2, 6] = 2  # last z slice: cut
+    ref[0, 3, 3] = 3  # first x slice: cut
+    ref[2, 5, 2] = 4  # last y row: cut
+    present, cut = reference_coverage(torch.from_numpy(ref), 6)
+    assert present.tolist() == [True, True, True, True, True, False]
+    assert cut.tolist() == [True, False, True, True, True, False]
+    faces = np.zeros_like(ref, bool)  # oracle: voxels whose erosion by one removes them
+    faces[[0, -1]] = faces[:, [0, -1]] = faces[:, :, [0, -1]] = True
+    assert cut.tolist() == [bool(np.isin(c, ref[faces])) for c in range(6)]
+
+
+def test_summary_report_p_against_the_exact_distribution_and_scipy():
+    from fastcascade.evaluate import summary_report
+
+    diffs = np.array([0.03, -0.01, 0.05, 0.02, 0.04])  # n = 5, W- = 1
+    s1 = np.column_stack([np.full(5, np.nan), np.linspace(0.6, 0.8, 5)])
+    s2 = s1 + np.column_stack([np.zeros(5), diffs])
+    report = summary_report(
+        ["background", "liver"],
+        {"stage1": ("stage 1", s1), "stage2": ("stage 2", s2)},
+        np.ones((5, 2), bool),
+        np.zeros((5, 2), bool),
+        comparisons=[("stage1", "stage2")],
+    )
+    (comp,) = report["comparisons"]
+    liver = comp["organs"]["liver"]
+    # sign assignments of ranks 1..5 with a sum <= 1: {} and {1}
+    assert exact_two_sided_p(diffs) == pytest.approx(2 * 2 / 2**5)
+    assert liver["p"] == pytest.approx(2 * 2 / 2**5)
+    assert liver["p"] == pytest.approx(wilcoxon(s2[:, 1], s1[:, 1]).pvalue)
+    assert liver["n"] == 5 and liver["low_power"] is True
+    assert liver["mean"] == pytest.approx(diffs.mean()) and liver["min"] == pytest.approx(-0.01)
+    from fastcascade.evaluate import report_markdown
+
+    text = report_markdown(report)
+    assert "| liver | 0.700 | 0.726 | 0.1250 |" in text.splitlines()
+    assert "Fewer than 10 cases (every organ): the test has no power here" in text
+
+
+def test_an_organ_absent_from_a_reference_is_counted_not_scored(tmp_path, capsys):
+    import json
+
+    ref = _labels(liver=np.s_[1, 1])  # no spleen in the reference
+    pred = _labels(liver=np.s_[1, 1], spleen=np.s_[2, 1])  # 2 spleen voxels nobody asked for
+    _write(tmp_path / "p.nii.gz", pred, names=NAMES)
+    _write(tmp_path / "r.nii.gz", ref)
+    (tmp_path / "cases.csv").write_text("p.nii.gz,r.nii.gz\n")
+    status, out, err = _run(capsys, "--csv", tmp_path / "cases.csv", "--out", tmp_path / "r.json")
+    assert status == 0, err
+    assert "| spleen | 0 | n/a | n/a | n/a | n/a |" in out.splitlines()
+    assert "Absent from the reference, so not scored in those cases" in out
+    assert "spleen (1 of 1 case)" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["coverage"]["spleen"] == {"present": 0, "absent": 1, "cut": 0}
+    (case,) = report["cases"]
+    assert case["dice"]["spleen"] is None and case["absent"] == ["spleen"]
+    assert case["predicted_where_absent"] == {"prediction": {"spleen": 2}}
+
+
+def test_an_organ_cut_by_the_field_of_view_is_flagged(tmp_path, capsys):
+    import json
+
+    ref = np.zeros((5, 5, 4), np.uint8)
+    ref[1:4, 1:4, 1:3] = 1  # liver inside the field of view
+    ref[2, 2, 2:] = 2  # spleen reaching the last slice
+    _write(tmp_path / "p.nii.gz", ref, names=NAMES)
+    _write(tmp_path / "r.nii.gz", ref)
+    (tmp_path / "cases.csv").write_text("p.nii.gz,r.nii.gz\n")
+    status, out, err = _run(capsys, "--csv", tmp_path / "cases.csv", "--out", tmp_path / "r.json")
+    assert status == 0, err
+    assert "Cut by the field of view" in out and "spleen (1 of 1 case)." in out
+    assert "liver (" not in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["coverage"]["spleen"]["cut"] == 1 and report["coverage"]["liver"]["cut"] == 0
+    assert report["cases"][0]["cut"] == ["spleen"]
+    assert report["cases"][0]["dice"] == {"liver": 1.0, "spleen": 1.0}
+
+
+def test_unmapped_reference_ids_are_background_and_listed(case_files, capsys):
+    import json
+
+    out_path = case_files / "report.json"
+    status, _, err = _run(
+        capsys, "--csv", case_files / "cases.csv", "--label-map", "case_a", "--out", out_path
+    )
+    assert status == 0, err
+    report = json.loads(out_path.read_text())
+    assert [c["unmapped_reference_ids"] for c in report["cases"]] == [[99], [99], [99]]
+
+
+def test_a_reference_with_none_of_the_maps_ids_warns(tmp_path, capsys):
+    _write(tmp_path / "p.nii.gz", CASES[0]["pred"], names=NAMES)
+    _write(tmp_path / "r.nii.gz", CASES[0]["ref"] * 40)  # ids 40, 80: nothing of case_a
+    (tmp_path / "cases.csv").write_text("p.nii.gz,r.nii.gz\n")
+    with pytest.warns(UserWarning, match=r"none of its ids \[40, 80\] is in the label map"):
+        status, out, err = _run(capsys, "--csv", tmp_path / "cases.csv", "--label-map", "case_a")
+    assert status == 0, err
+    assert "| liver | 0 | n/a | n/a | n/a | n/a |" in out.splitlines()
+
+
+# ----------------------------------------------------------------------------------------
+# Geometry: prediction and reference compared in physical space
+# ----------------------------------------------------------------------------------------
+
+
+def _write_affine(path, labels, affine, names=None):
+    return _write(path, labels, names=names, affine=affine)
+
+
+def _flipped_case(tmp_path):
+    """Case 1 of CASES, its prediction and stage-1 map also stored flipped along x and y
+    (an LPS file) and transposed: the same anatomy in other voxel orders."""
+    case = CASES[0]
+    _write(tmp_path / "r.nii.gz", case["ref"])
+    _write(tmp_path / "p.nii.gz", case["pred"], names=NAMES)
+    _write(tmp_path / "s.nii.gz", case["s1"])
+    n = np.array(SHAPE) - 1
+    lps = np.array([[-1, 0, 0, n[0]], [0, -1, 0, n[1]], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    _write_affine(tmp_path / "p_lps.nii.gz", case["pred"][::-1, ::-1], lps, NAMES)
+    _write_affine(tmp_path / "s_lps.nii.gz", case["s1"][::-1, ::-1], lps)
+    zxy = np.eye(4)[:, [2, 0, 1, 3]]  # file axes (z, x, y)
+    _write_affine(tmp_path / "p_zxy.nii.gz", case["pred"].transpose(2, 0, 1), zxy, NAMES)
+    _write_affine(tmp_path / "s_zxy.nii.gz", case["s1"].transpose(2, 0, 1), zxy)
+    (tmp_path / "plain.csv").write_text("p.nii.gz,r.nii.gz,s.nii.gz\n")
+    (tmp_path / "lps.csv").write_text("p_lps.nii.gz,r.nii.gz,s_lps.nii.gz\n")
+    (tmp_path / "zxy.csv").write_text("p_zxy.nii.gz,r.nii.gz,s_zxy.nii.gz\n")
+
+
+def test_a_prediction_stored_flipped_or_transposed_scores_as_the_original(tmp_path, capsys):
+    import json
+
+    _flipped_case(tmp_path)
+    reports = {}
+    for name in ("plain", "lps", "zxy"):
+        status, out, err = _run(
+            capsys, "--csv", tmp_path / f"{name}.csv", "--radii", "0,1",
+            "--out", tmp_path / f"{name}.json",
+        )  # fmt: skip
+        assert status == 0, err
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    plain = reports["plain"]["cases"][0]
+    assert plain["dice"]["liver"] == pytest.approx(LIVER[0])
+    assert plain["alignment"] == {"prediction": "same", "stage1": "same"}
+    for name in ("lps", "zxy"):
+        case = reports[name]["cases"][0]
+        assert case["alignment"] == {"prediction": "reoriented", "stage1": "reoriented"}
+        assert case["dice"] == plain["dice"] and case["dice_stage1"] == plain["dice_stage1"]
+        assert case["candidates"] == plain["candidates"]
+        assert reports[name]["stages"] == reports["plain"]["stages"]
+
+
+def test_a_shifted_prediction_is_refused_or_resampled_on_request(tmp_path, capsys):
+    import json
+
+    case = CASES[0]
+    _write(tmp_path / "r.nii.gz", case["ref"])
+    far = np.diag([1.0, 1.0, 1.0, 1.0])
+    far[0, 3] = 100.0  # the prediction's array as it is, 100 mm to the right
+    _write_affine(tmp_path / "far.nii.gz", case["ref"], far, NAMES)
+    # the reference's anatomy from x = 1 on, stored starting 1 mm to the right
+    near = np.eye(4)
+    near[0, 3] = 1.0
+    moved = np.zeros_like(case["ref"])
+    moved[:-1] = case["ref"][1:]
+    _write_affine(tmp_path / "near.nii.gz", moved, near, NAMES)
+    (tmp_path / "far.csv").write_text("far.nii.gz,r.nii.gz\n")
+    (tmp_path / "near.csv").write_text("near.nii.gz,r.nii.gz\n")
+
+    status, out, err = _run(capsys, "--csv", tmp_path / "far.csv")
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert f"{tmp_path}/r.nii.gz and {tmp_path}/far.nii.gz have one shape (4, 3, 2)" in err
+    assert "origin (100, 0, 0) mm" in err and "origin (0, 0, 0) mm" in err and "--resample" in err
+
+    status, out, err = _run(
+        capsys, "--csv", tmp_path / "near.csv", "--resample", "--out", tmp_path / "near.json"
+    )
+    assert status == 0, err
+    got = json.loads((tmp_path / "near.json").read_text())["cases"][0]
+    assert got["alignment"] == {"prediction": "resampled"}
+    # resampled onto the reference: x = 0 lies outside the copy (background), the rest
+    # is the reference's own; liver (x = 0, 6 voxels) is lost, spleen (x = 3) exact
+    assert got["dice"] == {"liver": 0.0, "spleen": 1.0}
+    status, out, err = _run(capsys, "--csv", tmp_path / "far.csv", "--resample")
+    assert status == 0 and "| liver | 1 | 0.000 |" in out
+
+
+def test_case_a_reference_stored_flipped_scores_one_and_flags_the_cut_organs(
+    case_a_paths, tmp_path, capsys
+):
+    """Real geometry: case A's own labels, mapped onto our classes and stored in LPS order,
+    against the original file: every organ Dice 1; the organs the field of view cuts are
+    those reaching a face of the scan."""
+    import json
+
+    import nibabel as nib
+
+    from fastcascade.io.nifti import map_labels
+    from fastcascade.presets import CASE_A_TO_CLASSES
+
+    _, seg_path = case_a_paths
+    seg = nib.load(seg_path)
+    classes = map_labels(np.asarray(seg.dataobj), CASE_A_TO_CLASSES).astype(np.uint8)
+    n = np.array(classes.shape) - 1
+    flip = np.array([[-1, 0, 0, n[0]], [0, -1, 0, n[1]], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    _write(tmp_path / "lps.nii.gz", classes[::-1, ::-1], names=CLASS_NAMES,
+           affine=seg.affine @ flip)  # fmt: skip
+    (tmp_path / "cases.csv").write_text(f"lps.nii.gz,{seg_path}\n")
+    out_path = tmp_path / "report.json"
+    status, out, err = _run(
+        capsys, "--csv", tmp_path / "cases.csv", "--label-map", "case_a", "--out", out_path
+    )
+    assert status == 0, err
+    (case,) = json.loads(out_path.read_text())["cases"]
+    assert case["alignment"] == {"prediction": "reoriented"}
+    assert case["dice"] == dict.fromkeys(CLASS_NAMES[1:], 1.0)
+    faces = np.zeros(classes.shape, bool)
+    faces[[0, -1]] = faces[:, [0, -1]] = faces[:, :, [0, -1]] = True
+    cut = [name for c, name in enumerate(CLASS_NAMES) if c and (classes[faces] == c).any()]
+    assert case["cut"] == cut and "liver" in cut and case["absent"] == []
