@@ -1,4 +1,5 @@
-"""The inputs of the end-to-end benchmark: phantoms, case A and case A on a fine grid.
+"""The inputs of the end-to-end benchmark: phantoms, case A, case A on a fine grid and
+case E.
 
 Each case is an in-memory float32 HU volume with its affine and, where one exists, the
 reference labels on the same grid (``Case``); ``iter_cases`` builds them one at a time.
@@ -21,8 +22,8 @@ from fastcascade.demo import case_a_reference
 from fastcascade.ops.resample import resample, working_shape
 from fastcascade.phantom import make_phantom
 
-CASES = ("phantom", "case_a", "case_a_08mm", "phantom_small")
-DEFAULT_CASES = ("phantom", "case_a", "case_a_08mm")
+CASES = ("phantom", "case_a", "case_a_08mm", "case_e", "phantom_small")
+DEFAULT_CASES = ("phantom", "case_a", "case_a_08mm", "case_e")
 PHANTOM_SEEDS = (9001, 9002)  # never used to train the default model
 FINE_MM = 0.8
 
@@ -82,6 +83,17 @@ def _case_a(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj, dtype=np.float32), img.affine, case_a_reference(seg_path)
 
 
+def _case_e(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Case E: arterial-phase chest and upper abdomen, 512×512×133 at 0.7×0.7×2.5 mm; its
+    labels use case A's ids for our classes."""
+    ct_path = root / "ct" / "case_e" / "ct.nii.gz"
+    seg_path = root / "ct" / "case_e" / "seg.nii.gz"
+    if not (ct_path.exists() and seg_path.exists()):
+        raise FileNotFoundError(f"case E not found under {root} (set FASTCASCADE_DATA)")
+    img = nib.load(str(ct_path))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine, case_a_reference(seg_path)
+
+
 def iter_cases(names: list[str], root: Path, quick: bool, notes: list[str]) -> Iterator[Case]:
     """Build the cases one at a time (the 0.8 mm one holds ~0.4 GB), in ``names`` order;
     a missing case A is skipped with a note."""
@@ -133,5 +145,13 @@ def iter_cases(names: list[str], root: Path, quick: bool, notes: list[str]) -> I
                 ref,
                 f"case A resampled trilinearly to {FINE_MM} mm (labels: nearest)",
             )
+        elif name == "case_e":
+            try:
+                volume, affine, reference = _case_e(root)
+            except FileNotFoundError as err:
+                notes.append(f"{name} skipped: {err}")
+                print(f"skipping {name}: {err}", flush=True)
+                continue
+            yield Case(name, volume, affine, reference, "case E CT as it is (0.7×0.7×2.5 mm)")
         else:
             raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
