@@ -367,3 +367,42 @@ def test_the_real_cases_feed_every_source(real_cases):
         liver = v.image_hu[v.labels == 1]
         assert float((liver > -300).float().mean()) > 0.95  # on the body's side
     assert float(synth.image_hu.min()) >= -1024.0
+
+
+# -- training on the mix --------------------------------------------------------------------
+def _tiny_config():
+    from fastcascade.config import Architecture, CascadeConfig, StageConfig
+
+    arch = Architecture(base_channels=2, levels=2, padding="same")
+    tiles = (8, 8, 8)
+    return CascadeConfig(
+        spacing=(3.0, 3.0, 3.0),
+        radius=1,
+        stage1=StageConfig(tile=tiles, architecture=arch),
+        stage2=StageConfig(window=(-200.0, 400.0), tile=tiles, architecture=arch),
+    )
+
+
+def test_training_on_the_mix_resumes_bit_identically(tmp_path, cases, monkeypatch):
+    from fastcascade.model.checkpoint import load_training_checkpoint
+    from fastcascade.train.trainer import checkpoint_path, train_stage
+
+    monkeypatch.setattr("fastcascade.phantom.make_phantom", _fake_phantom)
+    files = [c.files for c in cases]
+
+    def run(out, iterations, resume=False):
+        source = mixed_source(parse_mix("phantom=1,synth=1,repaint=1,real=1"), (3.0,) * 3, 2,
+                              cases=files, label_map=CASE_A_TO_CLASSES, num_classes=11,
+                              pool_size=1)  # fmt: skip
+        return train_stage(1, _tiny_config(), source, out, iterations, batch_size=2, lr=1e-2,
+                           seed=1, checkpoint_every=2, log=None, resume=resume)  # fmt: skip
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume=True)
+    for (k, v), w in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    a, b = (load_training_checkpoint(checkpoint_path(tmp_path / d, 1)) for d in "ab")
+    assert a["losses"] == b["losses"] and a["source"]["counts"] == b["source"]["counts"]
+    assert sum(a["source"]["counts"].values()) >= 8
+    assert a["training"]["source"]["weights"] == {"phantom": 1, "real": 1, "synth": 1, "repaint": 1}
