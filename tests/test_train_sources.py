@@ -2,6 +2,7 @@
 that name the case: deterministic for a seed, resumable, labels on the model's classes."""
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -406,3 +407,90 @@ def test_training_on_the_mix_resumes_bit_identically(tmp_path, cases, monkeypatc
     assert a["losses"] == b["losses"] and a["source"]["counts"] == b["source"]["counts"]
     assert sum(a["source"]["counts"].values()) >= 8
     assert a["training"]["source"]["weights"] == {"phantom": 1, "real": 1, "synth": 1, "repaint": 1}
+
+
+# -- the command ----------------------------------------------------------------------------
+def _cases_csv(tmp_path):
+    _write_case(tmp_path / "a", 0)
+    _write_case(tmp_path / "e", 1, suffix=".csv")
+    (tmp_path / "cases.csv").write_text(
+        "ct,labels,names\na/ct.nii.gz,a/seg.nii.gz,a/names.json\ne/ct.nii.gz,e/seg.nii.gz\n"
+    )
+    return tmp_path / "cases.csv", tmp_path / "e" / "names.csv"
+
+
+TINY = ["--base-channels", "2", "--levels", "2", "--tile", "8", "--quiet", "--pool-size", "1"]
+
+
+def test_train_command_on_the_mix_records_it(tmp_path, monkeypatch):
+    from fastcascade import cli
+    from fastcascade.model.checkpoint import load_config, load_training_checkpoint
+
+    monkeypatch.setattr("fastcascade.phantom.make_phantom", _fake_phantom)
+    csv, names = _cases_csv(tmp_path)
+    out = tmp_path / "run"
+    argv = [
+        "train", "--out", str(out), "--iterations", "2", *TINY,
+        "--sources", "phantom=1,synth=2,repaint=1,real=1", "--real-csv", str(csv),
+        "--names", str(names), "--label-map", "case_a", "--phases", "arterial,delayed",
+        "--stage2-regions", "labels", "--cut-margin", "2",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    want = {"phantom": 1.0, "real": 1.0, "synth": 2.0, "repaint": 1.0}
+    for stage in (1, 2):
+        ckpt = load_training_checkpoint(out / f"stage{stage}.ckpt")
+        assert ckpt["iteration"] == 2
+        assert ckpt["training"]["source"]["weights"] == want
+        assert ckpt["training"]["cut_margin"] == 2
+        assert set(ckpt["source"]["sources"]) == set(want)
+    # stage 2 drew on from where stage 1 stopped
+    assert (
+        ckpt["source"]["draws"] > load_training_checkpoint(out / "stage1.ckpt")["source"]["draws"]
+    )
+    config = load_config(out / "model.json")
+    record = config.training
+    assert record["source"]["weights"] == want
+    assert record["source"]["sources"]["synth"]["cases"] == ["a/ct.nii.gz", "e/ct.nii.gz"]
+    assert record["source"]["sources"]["repaint"]["phases"] == ["arterial", "delayed"]
+    assert record["source"]["sources"]["real"]["cases"] == ["a/ct.nii.gz", "e/ct.nii.gz"]
+    assert record["intensity"]["kind"] == "intensity" and record["augment"].startswith("Augmenter(")
+    assert record["iterations"] == [2, 2] and record["stage2_regions"] == "labels"
+    assert json.loads((out / "model.json").read_text())["training"] == record
+    # resuming the finished run with the same mix trains nothing more
+    assert cli.main([*argv, "--resume"]) == 0
+
+
+CASES = ["--real-csv", "{csv}", "--names", "{names}", "--label-map", "case_a"]
+
+
+@pytest.mark.parametrize(
+    "edit, data, match",
+    [
+        (None, ["--sources", "synth=1"], "needs the cases: --real-csv"),
+        ("unnamed", ["--sources", "synth=1", *CASES], r"case a/ct.nii.gz: .* holds label ids 26"),
+        ("grid", ["--sources", "real=1", *CASES], r"case e/ct.nii.gz: .* does not lie on the grid"),
+        (None, ["--sources", "real=1", *CASES[:4]], r"case a/ct.nii.gz: its ids give class ids"),
+        ("empty", ["--sources", "synth=1", *CASES], r"case e/ct.nii.gz has no labelled structures"),
+        (None, ["--sources", "synth=1", *CASES[:2], *CASES[4:]], r"case e/ct.nii.gz has no str"),
+        (None, ["--sources", "pixels=1"], "unknown source 'pixels'"),
+    ],
+    ids=["no-cases", "unnamed-id", "grids", "no-label-map", "no-structures", "no-names", "kind"],
+)
+def test_train_command_refuses_bad_input_naming_the_case(tmp_path, capsys, edit, data, match):
+    from fastcascade import cli
+
+    csv, names = _cases_csv(tmp_path)
+    a, e = tmp_path / "a", tmp_path / "e"
+    if edit == "unnamed":  # a's names leave out id 26 (vertebrae_S1)
+        (a / "names.json").write_text(json.dumps({k: v for k, v in NAMES.items() if k != 26}))
+    elif edit in ("grid", "empty"):
+        seg = nib.load(e / "seg.nii.gz")
+        ids = np.asanyarray(seg.dataobj)
+        ids = ids[:-1] if edit == "grid" else np.zeros_like(ids)
+        nib.save(nib.Nifti1Image(ids, seg.affine), e / "seg.nii.gz")
+    data = [d.format(csv=csv, names=names) for d in data]
+    argv = ["train", "--out", str(tmp_path / "run"), "--iterations", "1", *TINY, *data]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not (tmp_path / "run" / "stage1.ckpt").exists()  # refused before any training

@@ -451,6 +451,24 @@ def test_finetune_copies_shared_rows(tmp_path):
         assert torch.equal(l1.state_dict()[k], want), k
 
 
+def test_finetune_records_its_own_training(tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(_config(class_names=OLD), training={"source": "the old mix"})
+    s1 = UNet3D.from_architecture(config.stage1.architecture).eval()
+    s2 = UNet3D.from_architecture(config.stage2.architecture).eval()
+    save_cascade(tmp_path / "old" / "model", config, s1, s2, dtype=torch.float32)
+    new, _, _ = finetune(
+        tmp_path / "old" / "model", NEW, _ft_source(), tmp_path / "ft", 0, log=None
+    )
+    record = load_cascade(tmp_path / "ft" / "model")[0].training
+    assert record == new.training and record["source"] == {"kind": "SynthSource"}
+    assert record["finetuned_from"] == "model" and record["lr_scale"] == 0.1
+    assert record["iterations"] == [0, 0]
+    # the checkpoints' configs carry no record, so a resume may ask for more iterations
+    assert "training" not in load_training_checkpoint(tmp_path / "ft" / "stage1.ckpt")["config"]
+
+
 def test_finetune_learning_rate_is_ten_times_smaller(tmp_path):
     _saved_cascade(tmp_path)
     lr = 1e-3
