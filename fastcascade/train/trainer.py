@@ -165,14 +165,12 @@ def training_record(source, augment=True, intensity=True, cut_margin: int = CUT_
     >>> training_record(PhantomSource(), augment=False)["intensity"]["kind"]  # doctest: +SKIP
     'intensity'
     """
-    spatial = _augmenter(augment)
     colour = _intensity(intensity)
+    describe = getattr(colour, "describe", None)
     record = {
         "source": describe_source(source),
-        "augment": _describe_callable(spatial),
-        "intensity": colour.describe()
-        if hasattr(colour, "describe")
-        else _describe_callable(colour),
+        "augment": _describe_callable(_augmenter(augment)),
+        "intensity": describe() if callable(describe) else _describe_callable(colour),
         "cut_margin": int(cut_margin),
     }
     return json.loads(json.dumps(record))  # plain JSON: what a model's config can hold
@@ -222,9 +220,9 @@ def train_stage(
 
     ``source``: a ``dataset.PhantomSource`` / ``NiftiSource``, ``anatomy.SynthSource`` /
     ``RepaintSource`` or a ``mixed.MixedSource`` of them (anything with ``draw() ->
-    Volume`` and ``state_dict``/``load_state_dict``) on ``config.spacing``; its volumes
-    may live on ``device``. Sub-volumes of
-    ``config.stage<k>.tile`` voxels; labels cut to ``UNet3D.output_size`` of the tile.
+    Volume`` and ``state_dict``/``load_state_dict``) on ``config.spacing``, its volumes
+    on the CPU or on ``device``. Sub-volumes of ``config.stage<k>.tile`` voxels; labels
+    cut to ``UNet3D.output_size`` of the tile.
     Regions: stage 1 trains on C1, the body mask (``ops.morphology.body_mask`` at
     ``config.body_threshold``); stage 2 on C2 = ``candidate_fn(image_hu, labels)``
     (``stage1_candidates(trained_stage1, config)`` reproduces the paper; default:
@@ -435,11 +433,13 @@ def train_stage(
                 volume.image_hu, volume.labels, region, counted, transform=transform
             )
             if colour is None:
-                images.append(apply_window(patch.image_hu, window))
+                image = apply_window(patch.image_hu, window)
             else:
-                images.append(colour(patch.image_hu, window, intensity_generator))
-            labels.append(patch.labels)
-            masks.append(patch.region)
+                image = colour(patch.image_hu, window, intensity_generator)
+            # A mix may hold volumes on the CPU (phantoms) and on the device (synth).
+            images.append(image.to(device, non_blocking=True))
+            labels.append(patch.labels.to(device, non_blocking=True))
+            masks.append(patch.region.to(device, non_blocking=True))
         x = torch.stack(images)[:, None].to(device, non_blocking=True)
         x = x.contiguous(memory_format=memory_format)
         y = torch.stack(labels).to(device=device, dtype=torch.long)
