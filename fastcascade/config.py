@@ -13,6 +13,7 @@ spacings are in millimetres in the same order, intensities are Hounsfield units.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -112,6 +113,12 @@ class CascadeConfig:
     a voxel can belong to the body mask C1. Both stages classify into ``class_names``:
     each stage's ``architecture.num_classes`` must equal ``len(class_names)``.
 
+    ``training``: free-form metadata about how the weights were trained (the data mix,
+    augmentation, iterations; see ``train.trainer.training_record``), or ``None``. It is
+    kept as plain JSON (a JSON round trip leaves it unchanged), does not take part in the
+    config's hash, and is left out of ``to_dict`` when ``None``, so files written before
+    it existed, and the shipped ``weights/default.json``, read and write back unchanged.
+
     Checked when built (``ValueError`` / ``TypeError`` naming the field); sequences are
     stored as tuples, numbers as ``int`` / ``float``.
 
@@ -130,6 +137,7 @@ class CascadeConfig:
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
     schema_version: int = SCHEMA_VERSION
+    training: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         names = self.class_names
@@ -164,13 +172,17 @@ class CascadeConfig:
                     f"{stage.architecture.num_classes} but class_names has {len(names)} "
                     "entries; they must be equal"
                 )
+        _set(self, "training", _training(self.training))
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["training"] is None:
+            del data["training"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CascadeConfig:
@@ -208,6 +220,7 @@ class CascadeConfig:
         stage1, stage2 = stage("stage1"), stage("stage2")
         fields = {k: _get(data, k, k) for k in ("class_names", "spacing", "radius")}
         fields["body_threshold"] = _get(data, "body_threshold", "body_threshold")
+        fields["training"] = data.get("training")
         try:  # the messages name the field (CascadeConfig.<field>)
             return cls(**fields, stage1=stage1, stage2=stage2, schema_version=version)
         except TypeError as e:
@@ -241,6 +254,20 @@ def _reals(value: object, what: str, count: int, expected: str) -> tuple[float, 
     if not all(math.isfinite(v) for v in floats):
         raise ValueError(f"{what} must be finite, got {value!r}")
     return floats
+
+
+def _training(value: object) -> dict | None:
+    """Training metadata as plain JSON (tuples become lists, keys strings), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"CascadeConfig.training must be a JSON object (dict) or None, got {value!r}"
+        )
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"CascadeConfig.training must be plain JSON data: {e}") from None
 
 
 def _get(data: Mapping[str, Any], key: str, path: str) -> Any:

@@ -187,3 +187,29 @@ def test_from_dict_names_the_bad_field(edit, match):
 def test_from_dict_ignores_unknown_top_level_keys():
     data = _edited(lambda d: d.update(note="trained on phantoms"))
     assert CascadeConfig.from_dict(data) == CascadeConfig()
+
+
+def test_training_metadata_round_trips_and_stays_out_of_old_files():
+    record = {"sources": {"synth": {"weight": 2, "cases": ("case_a",)}}, "cut_margin": 3}
+    config = CascadeConfig(training=record)
+    assert config.training == {"sources": {"synth": {"weight": 2, "cases": ["case_a"]}},
+                               "cut_margin": 3}  # fmt: skip
+    back = CascadeConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert back == config and back.training == config.training
+    assert hash(config) == hash(CascadeConfig())  # metadata is not part of the hash
+    assert config != CascadeConfig()
+    # None is not written, and a file without the field reads as None
+    assert "training" not in CascadeConfig().to_dict()
+    assert CascadeConfig.from_dict(_edited(lambda d: None)).training is None
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [(["a"], TypeError), ({"x": float("nan")}, ValueError), ({"x": object()}, ValueError)],
+    ids=["list", "nan", "object"],
+)
+def test_training_metadata_must_be_plain_json(value, error):
+    with pytest.raises(error, match="CascadeConfig.training"):
+        CascadeConfig(training=value)
+    with pytest.raises(ValueError, match="CascadeConfig.training"):
+        CascadeConfig.from_dict(_edited(lambda d: d.update(training=value)))

@@ -6,7 +6,15 @@ import torch
 
 from fastcascade.config import AIR_HU
 from fastcascade.model.unet3d import UNet3D
-from fastcascade.train.sampling import SubvolumeSampler, crop
+from fastcascade.train.loss import weighted_cross_entropy
+from fastcascade.train.sampling import (
+    NO_CUT,
+    SubvolumeSampler,
+    crop,
+    cut_border_mask,
+    cut_distance,
+    cut_faces,
+)
 
 
 def _np_crop(volume, start, size, fill):
@@ -211,3 +219,78 @@ def test_rejects_bad_input():
             torch.zeros(3, 3, 4, dtype=torch.uint8),
             torch.ones(3, 3, 3, dtype=torch.bool),
         )
+
+
+# -- fields of view that cut organs ---------------------------------------------------------
+def _cut_at_bottom(shape=(10, 9, 12)):
+    """An organ touching the bottom face (z = 0) and one wholly inside."""
+    labels = torch.zeros(shape, dtype=torch.uint8)
+    labels[3:7, 2:6, 0:5] = 3  # runs out of the scan at z = 0
+    labels[2:5, 5:8, 7:10] = 1
+    return labels
+
+
+def test_cut_faces_and_distance_against_a_loop():
+    labels = _cut_at_bottom()
+    labels[9, 4, 6] = 2  # and one voxel on the +x face
+    assert cut_faces(labels) == ((0, 1), (2, 0))
+    d = cut_distance(labels)
+    want = np.full(labels.shape, NO_CUT, np.float32)
+    for i, j, k in np.ndindex(*labels.shape):
+        want[i, j, k] = min(9 - i, k)
+    np.testing.assert_array_equal(d.numpy(), want)
+    none = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    none[1:3, 1:3, 1:3] = 1
+    assert cut_faces(none) == () and bool((cut_distance(none) == NO_CUT).all())
+
+
+@pytest.mark.parametrize("margin", [0, 1, 3])
+def test_the_loss_ignores_the_margin_at_a_cut_face_and_nowhere_else(margin):
+    labels = _cut_at_bottom()
+    valid = cut_border_mask(cut_distance(labels), margin)
+    assert bool((~valid[..., :margin]).all()) and bool(valid[..., margin:].all())
+    with pytest.raises(ValueError, match="margin"):
+        cut_border_mask(cut_distance(labels), -1)
+    # The loss: logits changed inside the margin change nothing, elsewhere they do.
+    region = torch.ones_like(valid)[None] & valid[None]
+    target = labels.long()[None]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, *labels.shape, generator=g)
+    base = weighted_cross_entropy(logits, target, region)
+    inside = logits.clone()
+    inside[..., :margin] += 5 * torch.randn(inside[..., :margin].shape, generator=g)
+    assert torch.equal(weighted_cross_entropy(inside, target, region), base)
+    elsewhere = logits.clone()
+    elsewhere[..., margin : margin + 1] += 5.0 * torch.randn(1, 4, 10, 9, 1, generator=g)
+    assert not torch.equal(weighted_cross_entropy(elsewhere, target, region), base)
+
+
+def test_the_cut_margin_travels_with_the_sampled_patch():
+    """The loss region of a patch is the margin-free part of the mask, also when a
+    transform moves the content (the region is a channel of the warp)."""
+    labels = _cut_at_bottom((12, 12, 12))
+    image = torch.where(labels > 0, 60.0, 0.0)
+    mask = torch.ones(labels.shape, dtype=torch.bool)
+    valid = cut_border_mask(cut_distance(labels), 3)
+    s = SubvolumeSampler((6, 6, 6), seed=1)
+    for _ in range(20):
+        p = s.sample(image, labels, mask, region=mask & valid)
+        z0 = p.centre[2] - 3  # the patch's first slice in the volume
+        z = torch.arange(z0, z0 + 6).view(1, 1, 6).expand(6, 6, 6)
+        assert torch.equal(p.region, (z >= 3) & (z < 12) & _inside_xy(p.centre, 12))
+
+    def flip_z(img, lab):
+        return img.flip(-1), lab.flip(-1)
+
+    s = SubvolumeSampler((6, 6, 6), seed=1, context=2)
+    for _ in range(10):
+        p = s.sample(image, labels, mask, region=mask & valid, transform=flip_z)
+        lo = p.centre[2] - 3 - 2  # the context crop's first slice, now at its end
+        z = (lo + 9 - torch.arange(6) - 2).view(1, 1, 6).expand(6, 6, 6)
+        assert torch.equal(p.region, (z >= 3) & (z < 12) & _inside_xy(p.centre, 12))
+
+
+def _inside_xy(centre, n):
+    x = torch.arange(centre[0] - 3, centre[0] + 3).view(6, 1, 1)
+    y = torch.arange(centre[1] - 3, centre[1] + 3).view(1, 6, 1)
+    return ((x >= 0) & (x < n) & (y >= 0) & (y < n)).expand(6, 6, 6)

@@ -292,6 +292,105 @@ def test_stage1_candidates_are_the_dilated_argmax():
     assert not model.training
 
 
+# -- intensity augmentation, cut borders, the training record ------------------------------
+def _spy_loss(monkeypatch):
+    """Record the targets and loss regions the trainer hands to the loss."""
+    import fastcascade.train.trainer as trainer
+
+    seen = []
+    real = trainer.weighted_cross_entropy
+
+    def spy(logits, target, region):
+        seen.append((target.clone(), region.clone()))
+        return real(logits, target, region)
+
+    monkeypatch.setattr(trainer, "weighted_cross_entropy", spy)
+    return seen
+
+
+def test_intensity_augmentation_changes_inputs_never_labels(tmp_path, monkeypatch):
+    from fastcascade.train.intensity import IntensityAugmenter
+
+    inputs = []
+    aug = IntensityAugmenter(max_offset_hu=40, noise_std_hu=(5.0, 10.0))
+
+    def recorded(image_hu, window, generator):
+        inputs.append(aug(image_hu, window, generator))
+        return inputs[-1]
+
+    seen = _spy_loss(monkeypatch)
+    _train(tmp_path / "a", 3, intensity=recorded)
+    with_aug, seen[:] = list(seen), []
+    _train(tmp_path / "b", 3, intensity=False)
+    plain = list(seen)
+    assert len(with_aug) == len(plain) == 3 and len(inputs) == 6
+    for (t1, r1), (t2, r2) in zip(with_aug, plain, strict=True):
+        assert torch.equal(t1, t2) and torch.equal(r1, r2)  # the same labels and regions
+    a = load_training_checkpoint(checkpoint_path(tmp_path / "a", 1))
+    b = load_training_checkpoint(checkpoint_path(tmp_path / "b", 1))
+    assert a["losses"] != b["losses"]  # ... but other inputs
+    assert all(float(x.abs().max()) <= 1.0 for x in inputs)
+    assert (
+        a["training"]["intensity"]
+        == "test_intensity_augmentation_changes_inputs_never_labels.<locals>.recorded"
+    )
+    assert b["training"]["intensity"] is None
+
+
+class CutSource(SynthSource):
+    """The two volumes with their first organ running out of the bottom face (z = 0)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        cut = []
+        for v in self.volumes:
+            labels = v.labels.clone()
+            labels[4:10, 4:10, 0:9] = torch.where(labels[4:10, 4:10, 0:9] == 2, 2, 1)
+            image = v.image_hu.clone()
+            image[labels == 1] = 120.0
+            cut.append(Volume(image, labels, v.spacing, v.key))
+        self.volumes = cut
+
+
+@pytest.mark.parametrize("region_z, margin, learns", [
+    ("margin", 3, False), ("margin", 0, True), ("inside", 3, True),
+], ids=["margin_ignored", "no_margin", "inside_counts"])  # fmt: skip
+def test_the_loss_ignores_the_margin_at_a_cut_face_only(tmp_path, region_z, margin, learns):
+    def region(image_hu, labels):
+        z = torch.arange(labels.shape[2]).view(1, 1, -1)
+        where = z < 3 if region_z == "margin" else (z >= 3) & (z < 6)
+        return (image_hu > -300) & where
+
+    torch.manual_seed(3)
+    init = UNet3D.from_architecture(_config().stage1.architecture)
+    model = _train(tmp_path, 2, stage=2, candidate_fn=region, augment=False, intensity=False,
+                   cut_margin=margin, source=CutSource())  # fmt: skip
+    ckpt = load_training_checkpoint(checkpoint_path(tmp_path, 2))
+    assert ckpt["training"]["cut_margin"] == margin
+    pairs = zip(init.parameters(), model.parameters(), strict=True)
+    moved = any(not torch.equal(p0, p1) for p0, p1 in pairs)
+    assert moved == learns
+    assert (ckpt["losses"] == [0.0, 0.0]) != learns
+
+
+def test_the_training_record_is_kept_and_checked_on_resume(tmp_path):
+    from fastcascade.train.intensity import IntensityAugmenter
+
+    _train(tmp_path, 2)
+    ckpt = load_training_checkpoint(checkpoint_path(tmp_path, 1))
+    record = ckpt["training"]
+    assert record["source"] == {"kind": "SynthSource"}  # a source without describe()
+    assert record["augment"] == "flip_augment" and record["cut_margin"] == 3
+    assert record["intensity"] == IntensityAugmenter().describe()
+    assert "intensity_generator" in ckpt
+    with pytest.raises(ValueError, match="another data mix or augmentation"):
+        _train(tmp_path, 3, resume=True, intensity=IntensityAugmenter(max_offset_hu=5))
+    with pytest.raises(ValueError, match="another data mix or augmentation"):
+        _train(tmp_path, 3, resume=True, cut_margin=1)
+    with pytest.raises(ValueError, match="margin"):
+        _train(tmp_path / "x", 1, cut_margin=-1)
+
+
 # -- fine-tuning ------------------------------------------------------------------------
 OLD = ("background", "liver", "spleen", "kidney")
 NEW = ("background", "spleen", "pancreas", "liver")
@@ -350,6 +449,24 @@ def test_finetune_copies_shared_rows(tmp_path):
     for k, v in f1.state_dict().items():  # the shipped format: float16 weights
         want = v.half().float() if v.is_floating_point() else v
         assert torch.equal(l1.state_dict()[k], want), k
+
+
+def test_finetune_records_its_own_training(tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(_config(class_names=OLD), training={"source": "the old mix"})
+    s1 = UNet3D.from_architecture(config.stage1.architecture).eval()
+    s2 = UNet3D.from_architecture(config.stage2.architecture).eval()
+    save_cascade(tmp_path / "old" / "model", config, s1, s2, dtype=torch.float32)
+    new, _, _ = finetune(
+        tmp_path / "old" / "model", NEW, _ft_source(), tmp_path / "ft", 0, log=None
+    )
+    record = load_cascade(tmp_path / "ft" / "model")[0].training
+    assert record == new.training and record["source"] == {"kind": "SynthSource"}
+    assert record["finetuned_from"] == "model" and record["lr_scale"] == 0.1
+    assert record["iterations"] == [0, 0]
+    # the checkpoints' configs carry no record, so a resume may ask for more iterations
+    assert "training" not in load_training_checkpoint(tmp_path / "ft" / "stage1.ckpt")["config"]
 
 
 def test_finetune_learning_rate_is_ten_times_smaller(tmp_path):

@@ -3,11 +3,17 @@ another class list.
 
     $ fastcascade train --out runs/phantoms --iterations 2000
     $ fastcascade train --out runs/ct --csv pairs.csv --label-map case_a --resume
+    $ fastcascade train --out runs/mix --sources phantom=1,synth=2,repaint=1,real=1 \\
+          --real-csv cases.csv --names class_map_total_v2.json --label-map case_a
     $ fastcascade finetune --model runs/ct/model.safetensors --classes background,liver \\
           --csv pairs.csv --label-map map.json --out runs/ft --iterations 500
 
-The CSV format is ``train/sources.py``'s; the model options of ``train`` default to the
-shipped model's recipe (``presets.default_config``).
+Both stages draw from one mix of sources (``--sources``, ``train/sources.py``: phantoms,
+the real cases, images synthesized from their label maps, the cases re-painted to other
+contrast phases); the cases come from a CSV of ``ct,labels[,names]`` rows. The mix, the
+augmentations and the cut margin are recorded in every checkpoint and in the model's
+JSON (its ``training`` field). The model options of ``train`` default to the shipped
+model's recipe (``presets.default_config``).
 """
 
 from __future__ import annotations
@@ -20,39 +26,89 @@ from ..presets import default_config
 from . import arguments
 
 
-def _source(args: argparse.Namespace, spacing, seed: int):
+def _source(args: argparse.Namespace, spacing, seed: int, num_classes: int):
+    """The mix both stages draw from; every case is read and checked here, before any
+    training (errors name the case)."""
     from ..presets import read_label_map
-    from ..train.sources import training_source
+    from ..train.sources import CASE_KINDS, mixed_source, parse_mix, read_cases
 
-    if args.csv is None:  # phantoms: a --label-map given anyway is not read
-        label_map = None
-    else:
+    mix = parse_mix(args.sources or ("real=1" if args.csv is not None else "phantom=1"))
+    needs = [k for k in mix if k in CASE_KINDS]
+    if needs and args.csv is None:
+        raise ValueError(f"--sources {','.join(needs)} needs the cases: --real-csv CSV")
+    cases, label_map = [], None
+    if needs:  # phantoms alone: a --label-map or --names given anyway is not read
+        cases = read_cases(args.csv, args.names)
         label_map = read_label_map(args.label_map, arguments.LABEL_MAP_OPTION)
-    return training_source(
+    return mixed_source(
+        mix,
         spacing,
         seed,
-        csv=args.csv,
+        cases=cases,
         label_map=label_map,
+        num_classes=num_classes,
+        device=args.device,
         pool_size=args.pool_size,
         refresh_every=args.refresh_every,
         contrasts=args.contrasts.split(","),
+        phases=[p.strip() for p in args.phases.split(",") if p.strip()],
     )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from ..train.repaint import PHASES
+    from ..train.trainer import CUT_MARGIN
+
     data = p.add_argument_group("data")
-    data.add_argument("--csv", type=Path, help="CSV of ct,labels NIfTI pairs (default: phantoms)")
+    data.add_argument(
+        "--sources",
+        default=None,
+        help="the mix both stages draw from, kind=weight of phantom, real, synth, repaint, "
+        "e.g. phantom=1,synth=2,repaint=1,real=1 (default: real=1 with --real-csv, "
+        "else phantom=1)",
+    )
+    data.add_argument(
+        "--csv",
+        "--real-csv",
+        dest="csv",
+        type=Path,
+        help="CSV of the real cases, ct,labels[,names] NIfTI paths per row",
+    )
+    data.add_argument(
+        "--names",
+        type=Path,
+        default=None,
+        help="structure names (JSON id->name, or CSV with id,structure) for the cases "
+        "without a names column; synth and repaint need them",
+    )
     arguments.add_label_map(data, "label ids onto classes: case_a, none or a JSON file")
     data.add_argument("--pool-size", type=int, default=4, help="phantoms kept in memory")
     data.add_argument("--refresh-every", type=int, default=8, help="draws between new phantoms")
     data.add_argument(
         "--contrasts", default="none,portal_venous", help="phantom contrast phases to mix"
     )
+    data.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="contrast phases the repaint source draws from (default: %(default)s)",
+    )
+    data.add_argument(
+        "--cut-margin",
+        type=int,
+        default=CUT_MARGIN,
+        help="voxels at faces where labels touch the scan's edge left out of the loss "
+        "(default: %(default)s; 0: none)",
+    )
     run = p.add_argument_group("optimisation")
     run.add_argument("--batch-size", type=int, default=2)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--checkpoint-every", type=int, default=50, help="iterations")
     run.add_argument("--no-augment", action="store_true", help="no elastic/rigid augmentation")
+    run.add_argument(
+        "--no-intensity",
+        action="store_true",
+        help="no intensity augmentation (window level/width, gamma, noise)",
+    )
     run.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -146,6 +202,8 @@ def _run_options(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         seed=args.seed,
         augment=not args.no_augment,
+        intensity=not args.no_intensity,
+        cut_margin=args.cut_margin,
         checkpoint_every=args.checkpoint_every,
         log=None if args.quiet else print,
         resume=args.resume,
@@ -155,29 +213,43 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ..model.checkpoint import save_cascade
-    from ..train.trainer import ground_truth_candidates, stage1_candidates, train_stage
+    from ..train.trainer import (
+        ground_truth_candidates,
+        stage1_candidates,
+        train_stage,
+        training_record,
+    )
 
     _setup(args)
     config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
     common = dict(lr=args.lr, **_run_options(args))
-    # One source for both stages: NIfTI pairs are read once, phantoms drawn on from where
+    # One source for both stages: the cases are read once, the mix drawn on from where
     # stage 1 stopped (each stage's checkpoint holds the source's state).
-    source = _source(args, config.spacing, args.seed)
-    stage1 = train_stage(1, config, source, args.out, args.iterations, **common)
+    source = _source(args, config.spacing, args.seed, config.num_classes)
+    iterations = (
+        args.iterations,
+        args.iterations if args.iterations2 is None else args.iterations2,
+    )
+    stage1 = train_stage(1, config, source, args.out, iterations[0], **common)
     if args.stage2_regions == "stage1":
         candidates = stage1_candidates(stage1, config)
     else:
         candidates = ground_truth_candidates(config)
     stage2 = train_stage(
-        2,
-        config,
-        source,
-        args.out,
-        args.iterations if args.iterations2 is None else args.iterations2,
-        candidate_fn=candidates,
-        **common,
+        2, config, source, args.out, iterations[1], candidate_fn=candidates, **common
     )
+    record = training_record(source, common["augment"], common["intensity"], args.cut_margin)
+    record.update(
+        iterations=list(iterations),
+        stage2_regions=args.stage2_regions,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    config = dataclasses.replace(config, training=record)
     weights, cfg = save_cascade(args.out / "model", config, stage1, stage2)
     print(f"wrote {weights} and {cfg}")
     return 0
@@ -199,7 +271,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     finetune(
         args.model,
         names,
-        _source(args, spacing, args.seed),
+        _source(args, spacing, args.seed, len(names)),
         args.out,
         args.iterations,
         lr_scale=args.lr_scale,

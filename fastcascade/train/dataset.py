@@ -1,14 +1,18 @@
 """Training volumes on the working grid: synthetic phantoms or NIfTI (CT, labels) pairs.
 
-A source hands out whole volumes; the sampler cuts sub-volumes from them. Both sources
-give ``Volume(image_hu, labels, spacing, key)``: float32 ``(x, y, z)`` HU, uint8 class ids
-``(x, y, z)``, the working spacing in mm, and a ``key`` that names the volume (the same
-volume always has the same key, so callers may cache what they derive from it, e.g. its
-candidate region). Iterating a source yields ``(image_hu, labels, spacing)`` triples.
+A source hands out whole volumes; the sampler cuts sub-volumes from them. Every source
+(these two, ``anatomy.SynthSource`` / ``RepaintSource``, ``mixed.MixedSource``) gives
+``Volume(image_hu, labels, spacing, key, cut_distance)``: float32 ``(x, y, z)`` HU, uint8
+class ids ``(x, y, z)``, the working spacing in mm, a ``key`` that names the volume (the
+same volume always has the same key, so callers may cache what they derive from it, e.g.
+its candidate region) and optionally the voxels' distance to a face of the field of view
+that cuts an organ (``sampling.cut_distance``; ``None``: the trainer derives it from the
+labels). Iterating a source yields ``(image_hu, labels, spacing)`` triples.
 
 Each source draws with its own ``torch.Generator``; ``state_dict()`` /
 ``load_state_dict()`` capture everything needed to continue the same sequence of draws
-(plain tensors, ints and lists).
+(plain tensors, ints and lists); ``describe()`` says what it holds as plain JSON (what a
+training record keeps).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from ..io.nifti import load_nifti, map_labels, read_labels
-from ..io.scan import load_scan
+from ..io.scan import Scan, load_scan
 
 
 class Volume(NamedTuple):
@@ -32,6 +36,7 @@ class Volume(NamedTuple):
     labels: torch.Tensor
     spacing: tuple[float, float, float]
     key: str
+    cut_distance: torch.Tensor | None = None
 
 
 # -- phantoms -------------------------------------------------------------------------------
@@ -88,6 +93,20 @@ class PhantomSource:
         self.next_seed = self.seed
         self._pool: list[Volume] = []
         self._pool_seeds: list[int] = []
+
+    def describe(self) -> dict:
+        return {
+            "kind": "phantom",
+            "seed": self.seed,
+            "pool_size": self.pool_size,
+            "refresh_every": self.refresh_every,
+            "contrasts": list(self.contrasts),
+            "contrast_weights": None
+            if self.contrast_weights is None
+            else list(self.contrast_weights),
+            "shape": list(self.shape),
+            "phantom_spacing": list(self.phantom_spacing),
+        }
 
     def contrast_for(self, seed: int) -> str:
         """The contrast setting of the phantom with this seed."""
@@ -150,6 +169,22 @@ class PhantomSource:
 
 
 # -- NIfTI pairs ----------------------------------------------------------------------------
+def read_pair(ct_path: str | Path, labels_path: str | Path) -> tuple[Scan, np.ndarray]:
+    """A CT as a ``Scan`` (``io.scan.load_scan``) and its label file's ids on the CT's own
+    input grid (``io.nifti.read_labels``: uint8, uint16 or int64); ``ValueError`` naming
+    both files when the label map does not lie on the CT's grid (shape and affine)."""
+    scan = load_scan(ct_path)
+    ids = read_labels(labels_path)
+    seg_affine = load_nifti(labels_path).affine
+    if ids.shape != scan.input_shape or not np.allclose(seg_affine, scan.input_affine, atol=1e-3):
+        raise ValueError(
+            f"{labels_path} does not lie on the grid of {ct_path}: shapes "
+            f"{scan.input_shape} and {ids.shape}, affines differ by "
+            f"{np.abs(scan.input_affine - seg_affine).max():.3g}"
+        )
+    return scan, ids
+
+
 def load_nifti_pair(
     ct_path: str | Path,
     labels_path: str | Path,
@@ -165,15 +200,7 @@ def load_nifti_pair(
     becoming 0; without it the ids are kept and must fit in uint8) and the grid's spacing
     in mm (``WorkingGrid.spacing``), the scan's taken from its affine as at inference.
     """
-    scan = load_scan(ct_path)
-    ids = read_labels(labels_path)
-    seg_affine = load_nifti(labels_path).affine
-    if ids.shape != scan.input_shape or not np.allclose(seg_affine, scan.input_affine, atol=1e-3):
-        raise ValueError(
-            f"{labels_path} does not lie on the grid of {ct_path}: shapes "
-            f"{scan.input_shape} and {ids.shape}, affines differ by "
-            f"{np.abs(scan.input_affine - seg_affine).max():.3g}"
-        )
+    scan, ids = read_pair(ct_path, labels_path)
     if label_map is not None:
         ids = map_labels(ids, label_map)
     elif ids.max(initial=0) > 255:
@@ -214,6 +241,31 @@ class NiftiSource:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.draws = 0
         self._cache: dict[int, Volume] = {}
+        #: How the cases are named in messages and training records.
+        self.case_names = [f"{ct.parent.name}/{ct.name}" for ct, _ in self.pairs]
+
+    @classmethod
+    def from_cases(cls, cases, label_map: Mapping[int, int] | None = None, seed: int = 0):
+        """A source over cases already read (``anatomy.load_case``: full label maps on the
+        working grid and device), their ids mapped through ``label_map`` (``None``: kept);
+        nothing is read again.
+
+        >>> real = NiftiSource.from_cases(cases, CASE_A_TO_CLASSES)  # doctest: +SKIP
+        """
+        from .anatomy import map_structures
+
+        cases = list(cases)
+        if not cases:
+            raise ValueError("NiftiSource needs at least one case")
+        src = cls([(c.files.ct, c.files.labels) for c in cases], label_map, cases[0].spacing, seed)
+        for i, c in enumerate(cases):
+            labels = map_structures(c.structures, src.label_map)
+            src._cache[i] = Volume(c.image_hu, labels, c.spacing, f"nifti-{i}-{c.files.ct.name}")
+        src.case_names = [c.name for c in cases]
+        return src
+
+    def describe(self) -> dict:
+        return {"kind": "real", "seed": self.seed, "cases": list(self.case_names)}
 
     def load(self, index: int) -> Volume:
         if index not in self._cache:

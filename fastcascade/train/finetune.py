@@ -17,7 +17,7 @@ import torch
 from ..config import CascadeConfig
 from ..model.checkpoint import load_cascade, save_cascade
 from ..model.unet3d import UNet3D
-from .trainer import CandidateFn, stage1_candidates, train_stage
+from .trainer import CUT_MARGIN, CandidateFn, stage1_candidates, train_stage, training_record
 
 CLASSIFIER = ("classifier.weight", "classifier.bias")
 
@@ -91,6 +91,8 @@ def finetune(
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    intensity: bool | Callable = True,
+    cut_margin: int = CUT_MARGIN,
 ) -> tuple[CascadeConfig, UNet3D, UNet3D]:
     """Fine-tune the cascade in ``model_files`` (see ``model.checkpoint.load_cascade``) to
     ``new_class_names``, writing ``<out_dir>/model.safetensors`` + ``model.json``.
@@ -102,6 +104,9 @@ def finetune(
     smaller than training from scratch). Stage 2 trains on the candidate regions of the
     fine-tuned stage 1 (``stage1_candidates``) unless ``candidate_fn`` is given.
     Checkpoints go to ``<out_dir>/stage<k>.ckpt`` (``resume=True`` continues them).
+    ``intensity`` and ``cut_margin`` are ``train_stage``'s. The new config's
+    ``training`` field records this run (``trainer.training_record`` of ``source``, the
+    model fine-tuned from, ``lr_scale`` and the iterations), not the original model's.
 
     Returns ``(config, stage1, stage2)`` with the models in eval mode.
 
@@ -114,7 +119,12 @@ def finetune(
     if len(its) != 2:
         raise ValueError(f"iterations must be an int or (stage1, stage2), got {iterations!r}")
     old_config, old1, old2 = load_cascade(model_files)
+    record = training_record(source, augment, intensity, cut_margin)
+    if source2 is not None:
+        record["source2"] = training_record(source2, augment, intensity, cut_margin)["source"]
+    record.update(finetuned_from=Path(model_files).name, lr_scale=lr_scale, iterations=list(its))
     config = with_classes(old_config, new_class_names)
+    config = dataclasses.replace(config, training=None)  # this run's record comes at the end
     out_dir = Path(out_dir)
     models = []
     for stage, old in ((1, old1), (2, old2)):
@@ -146,7 +156,12 @@ def finetune(
             resume=resume,
             device=device,
             progress=progress,
+            intensity=intensity,
+            cut_margin=cut_margin,
         )
         models.append(model)
+    # Recorded only now: checkpoints compare configs on resume, and a resume may ask
+    # for more iterations.
+    config = dataclasses.replace(config, training=record)
     save_cascade(out_dir / "model", config, models[0], models[1])
     return config, models[0], models[1]

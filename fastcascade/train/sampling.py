@@ -8,6 +8,18 @@ the input crop (the same box for ``padding="same"``). Where a crop leaves the vo
 image is padded with air (-1024 HU), labels with 0 and the region with False, so padded
 voxels never count in the loss.
 
+Fields of view that cut organs. A scan often ends inside an organ (case E's kidneys and
+pancreas at its lowest slice). Near such a face the labels say "organ up to the last
+slice, then nothing", and a reference segmentation made by a model is least reliable
+there; learning from those voxels teaches the network that an organ ends where a scan
+does. The rule: a face of the volume is *cut* when labelled foreground (a class id > 0)
+touches it, and the ``margin`` voxels next to a cut face (the slices at index distance
+``0 .. margin - 1`` from it) are left out of the loss; centres may still be drawn there
+and the image there is still seen as context. ``cut_distance`` gives each voxel its
+distance to the nearest cut face, ``cut_border_mask`` the voxels that count; a source
+whose draws move the scan's content (``anatomy.SynthSource`` deforms its label maps)
+hands the deformed distance along in ``Volume.cut_distance``.
+
 All sizes and coordinates are voxels of the working grid, axes ``(x, y, z)``.
 """
 
@@ -21,6 +33,65 @@ import torch
 from ..config import AIR_HU
 
 Box = tuple[int, int, int]
+
+#: ``cut_distance`` where no face is cut: voxels, finite so that it can be interpolated.
+NO_CUT = 1.0e4
+
+
+def cut_faces(labels: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """The faces of ``labels`` (``(x, y, z)`` class ids) that labelled foreground touches,
+    as ``(axis, side)`` pairs, side 0 the face at index 0 and side 1 the face at the end.
+
+    >>> labels = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    >>> labels[1:3, 1:3, 0:2] = 1  # an organ running out of the bottom slice
+    >>> cut_faces(labels)
+    ((2, 0),)
+    """
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be (x, y, z), got shape {tuple(labels.shape)}")
+    fg = labels > 0
+    return tuple(
+        (axis, side)
+        for axis in range(3)
+        for side in (0, 1)
+        if bool(fg.select(axis, 0 if side == 0 else -1).any())
+    )
+
+
+def cut_distance(labels: torch.Tensor) -> torch.Tensor:
+    """Per voxel, the index distance (voxels) to the nearest cut face of ``labels``
+    (``cut_faces``): 0 on the face's own slice, ``NO_CUT`` where no face is cut.
+
+    Returns float32 ``(x, y, z)`` on ``labels``' device.
+
+    >>> labels = torch.zeros(1, 1, 4, dtype=torch.uint8)
+    >>> labels[0, 0, 3] = 5  # the top face is cut
+    >>> cut_distance(labels).flatten().tolist()
+    [3.0, 2.0, 1.0, 0.0]
+    """
+    out = torch.full(labels.shape, NO_CUT, dtype=torch.float32, device=labels.device)
+    for axis, side in cut_faces(labels):
+        n = labels.shape[axis]
+        index = torch.arange(n, dtype=torch.float32, device=labels.device)
+        dist = index if side == 0 else (n - 1) - index
+        view = [1, 1, 1]
+        view[axis] = n
+        out = torch.minimum(out, dist.view(view))
+    return out
+
+
+def cut_border_mask(distance: torch.Tensor, margin: int) -> torch.Tensor:
+    """The voxels that count in the loss: bool, True where ``distance`` (``cut_distance``,
+    voxels) is at least ``margin`` voxels; all True for ``margin`` 0.
+
+    >>> labels = torch.zeros(1, 1, 5, dtype=torch.uint8)
+    >>> labels[0, 0, :2] = 1  # cut at the bottom
+    >>> cut_border_mask(cut_distance(labels), 2).flatten().tolist()
+    [False, False, True, True, True]
+    """
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"margin must be an integer >= 0 voxels, got {margin!r}")
+    return distance >= margin
 
 
 def crop(volume: torch.Tensor, start: Sequence[int], size: Sequence[int], fill=0) -> torch.Tensor:

@@ -2,16 +2,19 @@
 
 One iteration: draw ``batch_size`` volumes from the source; for each, its candidate
 region (stage 1: the body mask C1 of the image; stage 2: C2 from ``candidate_fn``), a
-sub-volume centred on a uniformly drawn voxel of that region, augmented on the fly; the
-windowed image through the U-Net; the paper's class-weighted cross-entropy over the
-region's voxels (``loss.weighted_cross_entropy``); one Adam step (constant learning rate).
+sub-volume centred on a uniformly drawn voxel of that region, augmented on the fly
+(spatially, then in intensity, ``intensity.IntensityAugmenter``, which also windows it);
+the image through the U-Net; the paper's class-weighted cross-entropy over the region's
+voxels (``loss.weighted_cross_entropy``) less the margin at faces of the field of view
+that cut an organ (``sampling.cut_border_mask``); one Adam step (constant learning rate).
 
 Checkpoints (``<out_dir>/stage<k>.ckpt``, every ``checkpoint_every`` iterations and at the
 end, written atomically) hold the model, optimizer and gradient-scaler state, the torch /
-NumPy / Python global RNG states, the sampler's, augmentation's and data source's
-generators and counters, the iteration count, the losses so far and the config, so that a
-run resumed from its last checkpoint continues exactly as the uninterrupted run would
-have (bit-identical weights on the CPU with the same thread count).
+NumPy / Python global RNG states, the sampler's, augmentations' and data source's
+generators and counters, the iteration count, the losses so far, the config and the
+training record (``training_record``: the data mix, the augmentations, the cut margin),
+so that a run resumed from its last checkpoint continues exactly as the uninterrupted run
+would have (bit-identical weights on the CPU with the same thread count).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from ..ops.dilate import dilate
 from ..ops.intensity import apply_window
 from ..ops.morphology import body_mask
 from .loss import weighted_cross_entropy
-from .sampling import SubvolumeSampler
+from .mixed import describe_source
+from .sampling import SubvolumeSampler, cut_border_mask, cut_distance
 
 #: ``candidate_fn(image_hu (x, y, z) float32 HU, labels (x, y, z) uint8) -> bool (x, y, z)``
 CandidateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +55,11 @@ AUGMENT_CONTEXT = 12
 
 #: Draws in a row whose region is empty before training gives up.
 MAX_EMPTY_DRAWS = 100
+
+#: Voxels next to a face of the field of view that cuts an organ left out of the loss
+#: (``sampling.cut_border_mask``): 9 mm on the shipped model's 3 mm grid, a few slices of
+#: any CT, where labels made by a model are least sure and the organ only seems to end.
+CUT_MARGIN = 3
 
 
 def augment_context(augmenter, tile) -> int:
@@ -146,6 +155,39 @@ def _derived_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
+def training_record(source, augment=True, intensity=True, cut_margin: int = CUT_MARGIN) -> dict:
+    """What a run trains on, as plain JSON: the source's ``describe()`` (a mix: names,
+    weights and what each source holds), the spatial and intensity augmentations and
+    the cut margin. ``train_stage`` keeps it in its checkpoints (and refuses to resume
+    with another); ``fastcascade train`` writes it into the model's JSON
+    (``CascadeConfig.training``).
+
+    >>> training_record(PhantomSource(), augment=False)["intensity"]["kind"]  # doctest: +SKIP
+    'intensity'
+    """
+    colour = _intensity(intensity)
+    describe = getattr(colour, "describe", None)
+    record = {
+        "source": describe_source(source),
+        "augment": _describe_callable(_augmenter(augment)),
+        "intensity": describe() if callable(describe) else _describe_callable(colour),
+        "cut_margin": int(cut_margin),
+    }
+    return json.loads(json.dumps(record))  # plain JSON: what a model's config can hold
+
+
+def _describe_callable(fn) -> str | None:
+    """A function by its name (its repr holds an address), an object by its own repr
+    where its class has one (``Augmenter(...)`` lists its bounds), else by its class."""
+    if fn is None:
+        return None
+    if hasattr(fn, "__qualname__"):
+        return fn.__qualname__
+    if type(fn).__repr__ is not object.__repr__:
+        return repr(fn)
+    return type(fn).__qualname__
+
+
 def checkpoint_path(out_dir: str | Path, stage: int) -> Path:
     """Where ``train_stage`` keeps its last checkpoint."""
     return Path(out_dir) / f"stage{stage}.ckpt"
@@ -171,12 +213,16 @@ def train_stage(
     amp: bool | None = None,
     channels_last: bool = True,
     progress: bool = False,
+    intensity: bool | Callable = True,
+    cut_margin: int = CUT_MARGIN,
 ) -> UNet3D:
     """Train stage ``stage`` (1 or 2) of ``config`` for ``iterations`` optimisation steps.
 
-    ``source``: a ``dataset.PhantomSource`` / ``NiftiSource`` (anything with ``draw() ->
-    Volume`` and ``state_dict``/``load_state_dict``) on ``config.spacing``. Sub-volumes of
-    ``config.stage<k>.tile`` voxels; labels cut to ``UNet3D.output_size`` of the tile.
+    ``source``: a ``dataset.PhantomSource`` / ``NiftiSource``, ``anatomy.SynthSource`` /
+    ``RepaintSource`` or a ``mixed.MixedSource`` of them (anything with ``draw() ->
+    Volume`` and ``state_dict``/``load_state_dict``) on ``config.spacing``, its volumes
+    on the CPU or on ``device``. Sub-volumes of ``config.stage<k>.tile`` voxels; labels
+    cut to ``UNet3D.output_size`` of the tile.
     Regions: stage 1 trains on C1, the body mask (``ops.morphology.body_mask`` at
     ``config.body_threshold``); stage 2 on C2 = ``candidate_fn(image_hu, labels)``
     (``stage1_candidates(trained_stage1, config)`` reproduces the paper; default:
@@ -190,16 +236,22 @@ def train_stage(
     (image, labels)``. It warps a crop with ``augment_context`` voxels of margin around
     the sub-volume, the region travelling with it, so a warp costs a sub-volume-sized
     interpolation, not a whole scan's.
+    ``intensity``: ``True`` for ``intensity.IntensityAugmenter()`` after the spatial
+    augmentation, ``False`` for the stage's window alone, an ``IntensityAugmenter`` or a
+    callable ``(image_hu, window, generator) -> windowed image`` of its own.
+    ``cut_margin``: voxels next to a face of a volume that labelled foreground touches
+    left out of the loss (``sampling.cut_border_mask``; the volume's ``cut_distance``
+    where it gives one); 0 for none. Centres are still drawn there.
     ``init_state``: a ``state_dict`` to start from (fine-tuning). Optimiser: Adam with a
     constant ``lr``. ``amp`` (default: on for CUDA only): float16 autocast with a
     gradient scaler. ``channels_last``: channels_last_3d activations and weights, faster
     for 3D convolutions on the CPU. ``resume=True`` continues from
-    ``checkpoint_path(out_dir, stage)`` if it exists (same config, batch size, ``lr``
-    and ``seed`` required); ``iterations`` is the total count, including the iterations
-    already done. ``log`` receives one line per iteration (``None``: silent);
-    ``progress`` shows tqdm. The torch, NumPy and Python global RNGs are seeded with
-    ``seed`` (the model's initialisation draws from torch's); the sampler, augmentation
-    and source use their own generators.
+    ``checkpoint_path(out_dir, stage)`` if it exists (same config, batch size, ``lr``,
+    ``seed`` and ``training_record`` required); ``iterations`` is the total count,
+    including the iterations already done. ``log`` receives one line per iteration
+    (``None``: silent); ``progress`` shows tqdm. The torch, NumPy and Python global RNGs
+    are seeded with ``seed`` (the model's initialisation draws from torch's); the
+    sampler, the augmentations and the source use their own generators.
 
     Returns the trained model in eval mode on ``device``.
 
@@ -221,6 +273,8 @@ def train_stage(
             f"{config.num_classes}"
         )
     device = torch.device(device)
+    cut_border_mask(torch.zeros(()), cut_margin)  # checks the margin before any work
+    record = training_record(source, augment, intensity, cut_margin)
     out_dir = Path(out_dir)
     ckpt = checkpoint_path(out_dir, stage)
     state = load_training_checkpoint(ckpt) if resume and ckpt.exists() else None
@@ -230,6 +284,11 @@ def train_stage(
         for name, value in (("batch_size", batch_size), ("lr", lr), ("seed", seed)):
             if state[name] != value:
                 raise ValueError(f"{ckpt} used {name} {state[name]!r}, not {value!r}")
+        if "training" in state and state["training"] != record:
+            raise ValueError(
+                f"{ckpt} was trained on another data mix or augmentation; cannot resume: "
+                f"{state['training']} vs {record}"
+            )
     elif resume:
         _log(log, f"stage {stage}: no checkpoint at {ckpt}, starting from iteration 0")
 
@@ -255,6 +314,8 @@ def train_stage(
         context=augment_context(augmenter, tile) if augmenter is not None else 0,
     )
     aug_generator = torch.Generator().manual_seed(_derived_seed(seed, 2))
+    colour = _intensity(intensity)
+    intensity_generator = torch.Generator().manual_seed(_derived_seed(seed, 3))
     if candidate_fn is None:
         candidate_fn = None if stage == 1 else ground_truth_candidates(config)
 
@@ -265,6 +326,8 @@ def train_stage(
         scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         aug_generator.set_state(state["augment_generator"])
+        if "intensity_generator" in state:  # checkpoints from before it existed
+            intensity_generator.set_state(state["intensity_generator"])
         source.load_state_dict(state["source"])
         _set_rng_state(state["rng"])
         start, losses = int(state["iteration"]), list(state["losses"])
@@ -277,13 +340,16 @@ def train_stage(
             # The warp runs where the model does (on a GPU: the Triton kernel).
             return augmenter(image.to(device), labels.to(device), aug_generator)
 
-    regions: OrderedDict[str, torch.Tensor | None] = OrderedDict()
+    Regions = tuple[torch.Tensor, torch.Tensor]
+    regions: OrderedDict[str, Regions | None] = OrderedDict()
     # A region per volume the source can hold at once (all of a NIfTI source's cases),
     # so that none is computed twice; phantom pools are small and refreshed.
     max_regions = max(32, len(source)) if hasattr(source, "__len__") else 32
 
-    def region_of(volume) -> torch.Tensor | None:
-        """The volume's region (cached by key), ``None`` where it is empty."""
+    def region_of(volume) -> Regions | None:
+        """The volume's region (where centres are drawn) and the part of it the loss
+        counts (the region less the cut-border margin), cached by key and kept on the
+        volume's device; ``None`` where the region is empty."""
         if volume.key not in regions:
             if candidate_fn is None:
                 r = body_mask(volume.image_hu, config.body_threshold)
@@ -294,7 +360,14 @@ def train_stage(
                     f"stage-{stage} region of {volume.key} has shape {tuple(r.shape)}, "
                     f"expected the volume's {tuple(volume.image_hu.shape)}"
                 )
-            regions[volume.key] = r.cpu() if bool(r.any()) else None
+            r = r.to(volume.image_hu.device)
+            counted = r
+            if cut_margin > 0:
+                dist = volume.cut_distance
+                if dist is None:
+                    dist = cut_distance(volume.labels)
+                counted = r & cut_border_mask(dist.to(r.device), cut_margin)
+            regions[volume.key] = (r, counted) if bool(r.any()) else None
             while len(regions) > max_regions:
                 regions.popitem(last=False)
         return regions[volume.key]
@@ -334,6 +407,8 @@ def train_stage(
                 "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(),
                 "augment_generator": aug_generator.get_state(),
+                "intensity_generator": intensity_generator.get_state(),
+                "training": record,
                 "source": source.state_dict(),
                 "rng": _rng_state(),
                 "losses": list(losses),
@@ -353,11 +428,18 @@ def train_stage(
         t0 = time.perf_counter()
         images, labels, masks = [], [], []
         for _ in range(batch_size):
-            volume, region = draw_with_region()
-            patch = sampler.sample(volume.image_hu, volume.labels, region, transform=transform)
-            images.append(apply_window(patch.image_hu, window))
-            labels.append(patch.labels)
-            masks.append(patch.region)
+            volume, (region, counted) = draw_with_region()
+            patch = sampler.sample(
+                volume.image_hu, volume.labels, region, counted, transform=transform
+            )
+            if colour is None:
+                image = apply_window(patch.image_hu, window)
+            else:
+                image = colour(patch.image_hu, window, intensity_generator)
+            # A mix may hold volumes on the CPU (phantoms) and on the device (synth).
+            images.append(image.to(device, non_blocking=True))
+            labels.append(patch.labels.to(device, non_blocking=True))
+            masks.append(patch.region.to(device, non_blocking=True))
         x = torch.stack(images)[:, None].to(device, non_blocking=True)
         x = x.contiguous(memory_format=memory_format)
         y = torch.stack(labels).to(device=device, dtype=torch.long)
@@ -395,6 +477,18 @@ def _augmenter(augment):
     if callable(augment):
         return augment
     raise TypeError(f"augment must be True, False or a callable, got {type(augment).__name__}")
+
+
+def _intensity(intensity):
+    if intensity is False or intensity is None:
+        return None
+    if intensity is True:
+        from .intensity import IntensityAugmenter
+
+        return IntensityAugmenter()
+    if callable(intensity):
+        return intensity
+    raise TypeError(f"intensity must be True, False or a callable, got {type(intensity).__name__}")
 
 
 def _check_spacing(spacing, want) -> None:
