@@ -33,6 +33,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "tune": ("bench_tune", "run_tune"),
     "morphology": ("bench_morphology", "run_morphology"),
     "dilate": ("bench_dilate", "run_dilate"),
+    "passes": ("bench_passes", "run_passes"),
 }
 
 
@@ -163,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     parser.add_argument("--quick", action="store_true", help="bf16 only, batch 1-2, one compile")
     parser.add_argument("--cpu", action="store_true", help="tiny dry run on the CPU, no timings")
+    parser.add_argument(
+        "--memory-budget", type=float, default=6.0, help="passes area: GiB a slab pass may use"
+    )
+    parser.add_argument(
+        "--sample-tiles",
+        type=int,
+        default=3,
+        help="passes area: tile passes that run the network (the rest extrapolated)",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     sys.path.insert(1, str(ROOT))

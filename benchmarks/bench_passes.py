@@ -1,0 +1,207 @@
+"""Network passes per stage: slabs against model-sized tiles, the paper's network.
+
+Run through ``benchmarks/run.py --area passes``. One case (case A brought to the paper's
+1.5 mm working grid; a phantom where case A is missing), the paper's U-Net (base 32,
+four levels, valid convolutions, 132×132×116 → 44×44×28 tiles) with random weights, and
+both stages as the cascade runs them (``fastcascade.passes.run_stage``):
+
+- stage 1 over C1 (the body mask), non-overlapping;
+- stage 2 over C2 taken from the *reference* labels dilated by r = 3 (random weights
+  would give a meaningless C2), non-overlapping and with the 4x overlap.
+
+Providers: ``tiles`` (the model's trained tile size, as the original runs) and
+``slabs`` (network inputs as large as ``--memory-budget`` allows; the 4x overlap as four
+pooling-phase passes). Each record gives the network passes, the output voxels computed
+against those of the grid, and the convolution FLOPs of every pass (counted with
+``torch.utils.flop_counter`` on the meta device, from the input shapes the network
+actually received), next to the time.
+
+Timed region: the stage's ``run_stage`` call (the network passes, the stitching, the
+labels). On the CPU a tiles run of the paper network takes many minutes, so by default
+only the first ``--sample-tiles`` tile passes run the network and the rest return at
+once: the tiles' time is then the measured time per pass times the number of passes
+(recorded as ``extrapolated``), their FLOPs exact. Slab runs always run in full.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastcascade.config import AIR_HU, CLASS_NAMES
+from fastcascade.io.scan import load_scan
+from fastcascade.model import UNet3D
+from fastcascade.ops.dilate import dilate
+from fastcascade.ops.intensity import apply_window, window_value
+from fastcascade.ops.morphology import body_mask
+from fastcascade.options import InferenceOptions
+from fastcascade.passes import run_stage
+from fastcascade.phantom import make_phantom
+from fastcascade.presets import CASE_A_TO_CLASSES, paper_config
+
+from run import markdown_table  # isort: skip
+
+COLUMNS = [
+    ("stage", "stage", ""),
+    ("provider", "provider", ""),
+    ("passes", "passes", "d"),
+    ("voxels computed / grid", "voxel_ratio", ".2f"),
+    ("TFLOP", "tflop", ".2f"),
+    ("seconds", "seconds", ".1f"),
+    ("timed", "timed", ""),
+    ("× vs tiles (time)", "speedup_time", ".2f"),
+    ("× vs tiles (FLOP)", "speedup_flop", ".2f"),
+]
+
+
+class _CountingNet(torch.nn.Module):
+    """Runs ``net`` on the first ``limit`` calls (``None``: all), returns zeros of the
+    right shape after that, and records every call's input shape and time."""
+
+    def __init__(self, net: UNet3D, limit: int | None):
+        super().__init__()
+        self.net, self.limit = net, limit
+        self.architecture = net.architecture
+        self.shapes: list[tuple[int, ...]] = []
+        self.seconds: list[float] = []
+
+    def output_size(self, size):
+        return self.net.output_size(size)
+
+    def valid_input_size(self, *args):
+        return self.net.valid_input_size(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        if self.limit is not None and len(self.shapes) > self.limit:
+            out = self.net.output_size(tuple(x.shape[2:]))
+            return x.new_zeros((x.shape[0], self.net.architecture.num_classes, *out))
+        t0 = time.perf_counter()
+        y = self.net(x)
+        self.seconds.append(time.perf_counter() - t0)
+        return y
+
+
+def conv_flops(net: UNet3D, shape: tuple[int, ...], cache: dict) -> int:
+    """FLOPs of one forward pass on an input of ``shape`` (N, C, X, Y, Z), meta device."""
+    if shape not in cache:
+        meta = UNet3D.from_architecture(net.architecture).to("meta").eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            meta(torch.empty(shape, device="meta"))
+        cache[shape] = int(counter.get_total_flops())
+    return cache[shape]
+
+
+def _case(root: Path, spacing) -> tuple[torch.Tensor, torch.Tensor, str]:
+    ct = root / "ct" / "case_a" / "example_ct.nii.gz"
+    seg = root / "ct" / "case_a" / "example_seg_fast_force_split.nii.gz"
+    if ct.exists() and seg.exists():
+        from fastcascade.io.nifti import map_labels, read_labels
+
+        grid = load_scan(ct).working_grid(spacing)
+        ref = map_labels(read_labels(seg), CASE_A_TO_CLASSES).astype(np.uint8)
+        labels = grid.labels_from_input(torch.from_numpy(ref))
+        return grid.image(), labels, f"case A at {spacing[0]} mm {grid.shape}"
+    ph = make_phantom(seed=9001)
+    grid = load_scan(torch.from_numpy(ph.image), spacing=ph.spacing).working_grid(spacing)
+    labels = grid.labels_from_input(torch.from_numpy(ph.labels))
+    return grid.image(), labels, f"phantom 9001 at {spacing[0]} mm {grid.shape} (no case A)"
+
+
+def run_passes(args, rec) -> None:
+    from e2e_cases import data_dir
+
+    torch.manual_seed(0)
+    config = paper_config(CLASS_NAMES)
+    spacing = (12.0, 12.0, 12.0) if args.cpu else config.spacing
+    image_hu, reference, what = _case(data_dir(), spacing)
+    nets = [UNet3D.from_architecture(s.architecture).eval() for s in (config.stage1, config.stage2)]
+    nets = [n.to(memory_format=torch.channels_last_3d) for n in nets]
+    c1 = body_mask(image_hu, config.body_threshold)
+    c2 = dilate(reference > 0, config.radius, spacing)
+    budget = int(args.memory_budget * 2**30)
+    sample = 1 if args.cpu else args.sample_tiles
+    rec.data["meta"].update(
+        case=what,
+        network="paper U-Net (base 32, 4 levels, valid), random weights, fp32",
+        c1_fraction=float(c1.float().mean()),
+        c2_fraction=float(c2.float().mean()),
+        c2_from="reference labels dilated by r = 3",
+        memory_budget_gib=args.memory_budget,
+        sample_tiles=sample,
+        timed_region="one run_stage call; tiles beyond the sample return zeros (time "
+        "extrapolated per pass), slabs run in full",
+    )
+    flop_cache: dict = {}
+    runs = [
+        ("stage1", 0, c1, config.stage1, False),
+        ("stage2", 1, c2, config.stage2, False),
+        ("stage2_overlap", 1, c2, config.stage2, True),
+    ]
+    for stage, k, mask, stage_cfg, overlap in runs:
+        image = apply_window(image_hu, stage_cfg.window)
+        pad = window_value(AIR_HU, stage_cfg.window)
+        base = {}
+        for provider in ("tiles", "slabs"):
+            limit = sample if provider == "tiles" else None
+            net = _CountingNet(nets[k], limit)
+            options = InferenceOptions(inference=provider, memory_budget=budget, batch_size=1)
+            t0 = time.perf_counter()
+            out = run_stage(
+                net,
+                image,
+                mask,
+                tile=stage_cfg.tile,
+                num_classes=config.num_classes,
+                pad_value=pad,
+                options=options,
+                overlap=overlap,
+                probabilities=False,
+            )
+            wall = time.perf_counter() - t0
+            flops = sum(conv_flops(nets[k], s, flop_cache) for s in net.shapes)
+            extrapolated = limit is not None and len(net.shapes) > limit
+            if extrapolated:
+                per_pass = sum(net.seconds) / len(net.seconds)
+                seconds = wall - sum(net.seconds) + per_pass * len(net.shapes)
+            else:
+                seconds = wall
+            record = rec.add(
+                op=stage,
+                stage=stage,
+                provider=provider,
+                shape=list(image.shape),
+                dtype="float32",
+                passes=out.passes,
+                input_shapes=sorted({str(list(s[2:])) for s in net.shapes}),
+                voxels_computed=out.voxels_computed,
+                voxels_grid=out.voxels_grid,
+                voxel_ratio=out.voxels_computed / out.voxels_grid,
+                tflop=flops / 1e12,
+                seconds=seconds,
+                median_ms=seconds * 1e3,
+                timed="extrapolated" if extrapolated else "measured",
+                measured_passes=len(net.seconds),
+            )
+            base.setdefault("seconds", record["seconds"])
+            base.setdefault("tflop", record["tflop"])
+            record["speedup_time"] = base["seconds"] / record["seconds"]
+            record["speedup_flop"] = base["tflop"] / max(record["tflop"], 1e-12)
+            rec.flush()
+    title = f"# Network passes per stage on {rec.data['meta']['device']}\n\n"
+    title += f"{what}; {rec.data['meta']['network']}; C2 from the reference dilated by r = 3.\n"
+    if args.cpu:
+        title += "\nCPU dry run on a coarse grid: proves the code paths, times mean nothing.\n"
+    title += "\n"
+    path = rec.write_markdown(title + markdown_table(rec.data["results"], COLUMNS))
+    print(f"table: {path}")
+
+
+def summarize(data: dict) -> str:
+    """A short table for the end of gpu_check.sh."""
+    return markdown_table(data["results"], COLUMNS)
