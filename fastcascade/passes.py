@@ -31,8 +31,9 @@ along an axis, one box per part when their slabs read fewer input voxels in tota
 box is cut into equal regions, one more along the axis where that saves most memory,
 until one pass fits the budget (:func:`pass_bytes`; without a budget, until no
 activation exceeds :data:`MAX_ELEMENTS`); every region is computed at every phase, its
-accumulators finalised, and the next region follows, so regions never overlap and no
-output voxel is computed twice at one phase. On a GPU out-of-memory error (that error
+accumulators finalised, and the next region follows, so regions never overlap and each
+voxel keeps one prediction per phase (what a slab computes beyond its region, its
+margins and lattice rounding, is cropped; ``voxels_computed`` counts it). On a GPU out-of-memory error (that error
 only) the failing region is halved along its longest axis (the one whose halving
 shrinks the slab most) and retried; results are unchanged.
 
