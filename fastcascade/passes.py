@@ -33,9 +33,9 @@ until one pass fits the budget (:func:`pass_bytes`; without a budget, until no
 activation exceeds :data:`MAX_ELEMENTS`); every region is computed at every phase, its
 accumulators finalised, and the next region follows, so regions never overlap and each
 voxel keeps one prediction per phase (what a slab computes beyond its region, its
-margins and lattice rounding, is cropped; ``voxels_computed`` counts it). On a GPU out-of-memory error (that error
-only) the failing region is halved along its longest axis (the one whose halving
-shrinks the slab most) and retried; results are unchanged.
+margins and lattice rounding, is cropped; ``voxels_computed`` counts it). On a GPU
+out-of-memory error (that error only) the failing region is halved along its longest
+axis (the one whose halving shrinks the slab most) and retried; results are unchanged.
 
 Host syncs: one read per stage with ``skip_empty`` (the mask's three 2D projections,
 from which boxes and empty regions are decided on the host), none without.
