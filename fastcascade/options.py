@@ -54,9 +54,10 @@ class InferenceOptions:
     - ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the networks.
     - ``compile``: ``torch.compile`` both networks on first use.
     - ``inference``: how a stage runs its network (:mod:`fastcascade.passes`):
-      ``"tiles"`` of the model's trained input size, or ``"slabs"``, the largest inputs
-      that fit ``memory_budget``, phase-aligned, the 4x overlap as four pooling-phase
-      passes. ``batch_size`` and ``overlap_step`` apply to tiles only.
+      ``"slabs"`` (the default), the largest inputs that fit ``memory_budget``,
+      phase-aligned, the 4x overlap as four pooling-phase passes, or ``"tiles"`` of the
+      model's trained input size (the original's way). ``batch_size`` and
+      ``overlap_step`` apply to tiles only.
     """
 
     overlap: bool = True
@@ -69,7 +70,7 @@ class InferenceOptions:
     body_mask_backend: str = "auto"
     precision: str = "fp32"
     compile: bool = False
-    inference: str = "tiles"
+    inference: str = "slabs"
 
     def __post_init__(self):
         object.__setattr__(self, "overlap_step", tuple(float(s) for s in self.overlap_step))

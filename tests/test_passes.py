@@ -143,8 +143,8 @@ def budget_for(net, mask, parts, skip=True):
 
 
 def test_inference_option_is_checked():
-    assert InferenceOptions().inference == "tiles"
-    assert InferenceOptions(inference="slabs").inference == "slabs"
+    assert InferenceOptions().inference == "slabs"
+    assert InferenceOptions(inference="tiles").inference == "tiles"
     with pytest.raises(ValueError, match="inference must be one of"):
         InferenceOptions(inference="slab")
 
