@@ -30,6 +30,7 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 WEIGHTS = ("constant", "gaussian")
+INFERENCE = ("tiles", "slabs")
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,20 @@ class InferenceOptions:
       computes every tile, as the original does).
     - ``batch_size``: tiles per network call (≥ 1).
     - ``probabilities``: also return stage 2's class probabilities.
-    - ``memory_budget``: bytes the stitching accumulators may use (``None``: no limit);
-      beyond it a stage stitches in parts along x.
+    - ``memory_budget``: bytes a stage may use (``None``: no limit). With tiles, the
+      stitching accumulators take at most half of it, beyond which a stage stitches in
+      parts along x; with slabs, it covers one pass's activations (estimated from the
+      architecture) and its accumulators, and sets the slab size
+      (:func:`fastcascade.passes.pass_bytes`).
     - ``body_mask_backend``: how C1's hole filling and labelling run (``"auto"``,
       ``"scipy"``, ``"cupy"``, ``"torch"``; all give the same mask).
     - ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the networks.
     - ``compile``: ``torch.compile`` both networks on first use.
+    - ``inference``: how a stage runs its network (:mod:`fastcascade.passes`):
+      ``"slabs"`` (the default), the largest inputs that fit ``memory_budget``,
+      phase-aligned, the 4x overlap as four pooling-phase passes, or ``"tiles"`` of the
+      model's trained input size (the original's way). ``batch_size`` and
+      ``overlap_step`` apply to tiles only.
     """
 
     overlap: bool = True
@@ -61,6 +70,7 @@ class InferenceOptions:
     body_mask_backend: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    inference: str = "slabs"
 
     def __post_init__(self):
         object.__setattr__(self, "overlap_step", tuple(float(s) for s in self.overlap_step))
@@ -86,6 +96,8 @@ class InferenceOptions:
                 f"body_mask_backend must be one of {BODY_MASK_BACKENDS}, "
                 f"got {self.body_mask_backend!r}"
             )
+        if self.inference not in INFERENCE:
+            raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"

@@ -118,10 +118,27 @@ def _place(volume: torch.Tensor, grid: TileGrid, fill: float, out: bool) -> torc
 
 @dataclass
 class StageOutput:
+    """One stage's result and what it cost.
+
+    ``tiles_computed`` / ``tiles_total``: network passes run / those a run without
+    skipping would make (a pass is one tile, or one slab for ``inference="slabs"``).
+    ``voxels_computed``: output voxels the network computed over all passes, against
+    ``voxels_grid``, the voxels of the stage's grid (their ratio is the overhead of
+    overlap, halos and padding). ``inference``: ``"tiles"`` or ``"slabs"``.
+    """
+
     labels: torch.Tensor  # uint8 (X, Y, Z), background outside the mask
     probabilities: torch.Tensor | None  # float32 (C, X, Y, Z)
     tiles_computed: int
     tiles_total: int
+    voxels_computed: int
+    voxels_grid: int
+    inference: str = "tiles"
+
+    @property
+    def passes(self) -> int:
+        """Network passes run (tiles or slabs)."""
+        return self.tiles_computed
 
 
 def run_stage(
@@ -136,7 +153,7 @@ def run_stage(
     weight_mode: str = "constant",
     batch_size: int = 2,
     probabilities: bool = False,
-    slabs: int = 1,
+    parts: int = 1,
     memory_budget: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StageOutput:
@@ -147,16 +164,18 @@ def run_stage(
     of the weighted accumulation, background outside ``mask``.
 
     Memory: the fp32 accumulator is ``num_classes`` volumes of the lattice's extent;
-    ``slabs > 1`` stitches the volume in that many slabs along x, each with its own
-    accumulator (tiles straddling two slabs run twice); ``memory_budget`` (bytes) picks
-    enough slabs for the accumulators to take at most half of it. On a GPU out-of-memory error
-    (that error only) a failing batch of tiles is split in halves, and at one tile per
-    batch the stage restarts with twice the slabs; results are the same either way.
+    ``parts > 1`` stitches the volume in that many parts along x, each with its own
+    accumulator (tiles straddling two parts run twice); ``memory_budget`` (bytes) picks
+    enough parts for the accumulators to take at most half of it. On a GPU out-of-memory
+    error (that error only) a failing batch of tiles is split in halves, and at one tile
+    per batch the stage restarts with twice the parts; results are the same either way.
+    (The slab passes of :mod:`fastcascade.passes` are another thing: network inputs as
+    large as memory allows.)
     """
     device = image.device
     if memory_budget is not None:
         acc_bytes = 4 * (num_classes + 1) * math.prod(grid.extent)
-        slabs = max(slabs, min(grid.counts[0], math.ceil(2 * acc_bytes / memory_budget)))
+        parts = max(parts, min(grid.counts[0], math.ceil(2 * acc_bytes / memory_budget)))
     padded = _place(image, grid, pad_value, out=False)
     selected = active_tiles(grid, mask if skip_empty else None).to(device)
     origins = grid.origins().to(device)[selected]  # one host sync: the tile count
@@ -164,14 +183,17 @@ def run_stage(
     run = _TileRunner(network, padded, grid, weight, batch_size, progress, origins.shape[0])
     while True:
         try:
-            probs, labels = _stitch_slabs(
-                run, origins, mask, grid, num_classes, slabs, probabilities
+            probs, labels = _stitch_parts(
+                run, origins, mask, grid, num_classes, parts, probabilities
             )
-            return StageOutput(labels, probs, run.done, grid.num_tiles)
+            computed = run.done * math.prod(grid.out_size)
+            return StageOutput(
+                labels, probs, run.done, grid.num_tiles, computed, math.prod(grid.shape)
+            )
         except torch.cuda.OutOfMemoryError:
-            if slabs >= grid.counts[0]:
+            if parts >= grid.counts[0]:
                 raise
-            slabs = min(2 * slabs, grid.counts[0])
+            parts = min(2 * parts, grid.counts[0])
             run.restart()
 
 
@@ -214,10 +236,10 @@ class _TileRunner:
                 self.progress(min(self.done, self.total), self.total)
 
 
-def _stitch_slabs(run, origins, mask, grid, num_classes, slabs, probabilities):
+def _stitch_parts(run, origins, mask, grid, num_classes, parts, probabilities):
     device = mask.device
     rows, step, out = grid.counts[0], grid.step[0], grid.out_size[0]
-    per = -(-rows // slabs)
+    per = -(-rows // parts)
     labels = torch.zeros(grid.shape, dtype=torch.uint8, device=device)
     probs = None
     if probabilities:
@@ -229,12 +251,12 @@ def _stitch_slabs(run, origins, mask, grid, num_classes, slabs, probabilities):
         first_row = max(0, (own_lo - out) // step + 1)
         a, b = first_row * step, (r1 - 1) * step + out
         part = origins
-        if slabs > 1:
+        if parts > 1:
             part = origins[(origins[:, 0] >= a) & (origins[:, 0] < r1 * step)]
         acc = torch.zeros((num_classes, b - a, *grid.extent[1:]), device=device)
         weight_sum = torch.zeros((b - a, *grid.extent[1:]), device=device)
         run.accumulate(acc, weight_sum, part, torch.tensor([a, 0, 0], device=device))
-        v0, v1 = own_lo, min(own_hi, grid.shape[0])  # this slab's volume voxels
+        v0, v1 = own_lo, min(own_hi, grid.shape[0])  # this part's volume voxels
         if v0 >= v1:
             continue
         local = (slice(v0 - a, v1 - a), *(slice(0, n) for n in grid.shape[1:]))

@@ -116,6 +116,8 @@ def test_run_stage_reconstructs_pointwise_network(step, weights, margin):
     torch.testing.assert_close(result.probabilities[inside], want[inside], rtol=1e-6, atol=1e-6)
     assert result.tiles_computed == int(brute_force_active(grid, mask).sum())
     assert result.tiles_total == grid.num_tiles
+    assert result.voxels_computed == result.tiles_computed * 6**3
+    assert result.voxels_grid == 17 * 13 * 11 and result.inference == "tiles"
 
 
 def test_skipping_gives_the_same_labels_as_every_tile():
@@ -151,12 +153,12 @@ def overlap_case():
     return image, mask, grid
 
 
-@pytest.mark.parametrize("slabs", [2, 3, 7, 12], ids=lambda s: f"slabs{s}")
-def test_slabs_give_the_same_result(slabs):
+@pytest.mark.parametrize("parts", [2, 3, 7, 12], ids=lambda s: f"parts{s}")
+def test_stitching_in_parts_gives_the_same_result(parts):
     image, mask, grid = overlap_case()
     net = Pointwise(3, 2)
     whole = run_stage(net, image, mask, grid, 3, -1.0, probabilities=True)
-    sliced = run_stage(net, image, mask, grid, 3, -1.0, probabilities=True, slabs=slabs)
+    sliced = run_stage(net, image, mask, grid, 3, -1.0, probabilities=True, parts=parts)
     assert torch.equal(whole.labels, sliced.labels)
     torch.testing.assert_close(whole.probabilities, sliced.probabilities, rtol=1e-6, atol=1e-7)
 
@@ -173,7 +175,7 @@ class FakeAllocator:
             raise torch.cuda.OutOfMemoryError(f"fake allocator: {nbytes} > {self.limit} bytes")
 
 
-def test_out_of_memory_falls_back_to_smaller_batches_and_slabs(monkeypatch):
+def test_out_of_memory_falls_back_to_smaller_batches_and_parts(monkeypatch):
     import fastcascade.tiling as tiling
 
     image, mask, grid = overlap_case()
@@ -212,11 +214,11 @@ def test_other_runtime_errors_are_not_swallowed():
         run_stage(Broken(3, 2), image, mask, grid, 3, -1.0)
 
 
-def test_memory_budget_picks_slabs():
+def test_memory_budget_picks_parts():
     image, mask, grid = overlap_case()
     net = Pointwise(3, 2)
     whole = run_stage(net, image, mask, grid, 3, -1.0)
     calls = net.calls
     tight = run_stage(net, image, mask, grid, 3, -1.0, memory_budget=20_000)
     assert torch.equal(whole.labels, tight.labels)
-    assert net.calls - calls > calls  # slabs recompute straddling tiles: the budget was used
+    assert net.calls - calls > calls  # parts recompute straddling tiles: the budget was used
