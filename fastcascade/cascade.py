@@ -25,7 +25,7 @@ from .ops.dilate import dilate
 from .ops.intensity import apply_window, window_value
 from .ops.morphology import body_mask
 from .options import InferenceOptions
-from .tiling import StageOutput, make_grid, overlap_step, run_stage
+from .passes import StageOutput, run_stage
 
 #: The former name of :class:`~fastcascade.options.InferenceOptions`, kept for old code.
 CascadeOptions = InferenceOptions
@@ -54,26 +54,20 @@ def _stage(
     probabilities: bool,
     progress: Callable[[int, int], None] | None,
 ) -> StageOutput:
-    """One stage over the tiles touching ``mask``; ``overlap`` uses the options' step
-    and weights, otherwise non-overlapping tiles of constant weight."""
-    out_size = network.output_size(stage.tile)
-    step = overlap_step(out_size, options.overlap_step) if overlap else None
-    grid = make_grid(tuple(image_hu.shape), stage.tile, out_size, step)
-    with torch.inference_mode():
-        return run_stage(
-            network,
-            apply_window(image_hu, stage.window),
-            mask,
-            grid,
-            num_classes,
-            pad_value=window_value(AIR_HU, stage.window),
-            skip_empty=options.skip_empty,
-            weight_mode=options.weights if overlap else "constant",
-            batch_size=options.batch_size,
-            probabilities=probabilities,
-            memory_budget=options.memory_budget,
-            progress=progress,
-        )
+    """One stage over ``mask``: the stage's window, then the network passes the options
+    choose (:func:`fastcascade.passes.run_stage`: slabs or tiles, 4x overlap or not)."""
+    return run_stage(
+        network,
+        apply_window(image_hu, stage.window),
+        mask,
+        tile=stage.tile,
+        num_classes=num_classes,
+        pad_value=window_value(AIR_HU, stage.window),
+        options=options,
+        overlap=overlap,
+        probabilities=probabilities,
+        progress=progress,
+    )
 
 
 def candidate_region(

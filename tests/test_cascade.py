@@ -36,16 +36,17 @@ def phantom():
     return fastcascade.phantom.make_phantom(shape=(61, 50, 56), spacing=(6.0, 6.0, 6.0), seed=3)
 
 
+@pytest.mark.parametrize("inference", ["tiles", "slabs"])
 @pytest.mark.parametrize("padding,tile", [("same", (24, 24, 24)), ("valid", (28, 28, 28))])
-def test_skipping_gives_the_same_labels_as_every_tile(phantom, padding, tile):
+def test_skipping_gives_the_same_labels_as_every_tile(phantom, padding, tile, inference):
     predictor = tiny_predictor(padding, tile)
-    fast = predictor.segment(phantom.image, spacing=phantom.spacing, overlap=False)
-    simple = predictor.segment(
-        phantom.image, spacing=phantom.spacing, overlap=False, skip_empty=False
-    )
+    opts = {"overlap": False, "inference": inference}
+    fast = predictor.segment(phantom.image, spacing=phantom.spacing, **opts)
+    simple = predictor.segment(phantom.image, spacing=phantom.spacing, skip_empty=False, **opts)
     np.testing.assert_array_equal(fast.labels, simple.labels)
     assert simple.tiles["stage1"][0] == simple.tiles["stage1"][1]
-    assert fast.tiles["stage2"][0] < simple.tiles["stage2"][0]
+    if inference == "tiles":
+        assert fast.tiles["stage2"][0] < simple.tiles["stage2"][0]
     assert 0.05 < fast.c1_fraction < 0.9
 
 
@@ -112,18 +113,23 @@ def test_tensor_in_tensor_out(phantom):
     np.testing.assert_array_equal(got.numpy(), want)
 
 
-#: Scalar host syncs per scan (see README, "Host syncs"): the stage-1 and stage-2 tile
-#: counts (boolean indexing), the C1 and C2 fractions reported in the result, and the
-#: value checks of the input (finite, not a label map) which may read up to 4 scalars.
+#: Scalar host syncs per scan (see README, "Host syncs"): one per stage (the tile count
+#: with tiles, the mask's projections that place the slabs with slabs), the C1 and C2
+#: fractions reported in the result, and the value checks of the input (finite, not a
+#: label map) which may read up to 4 scalars.
 SYNC_BOUND = 8
 
 
-def test_host_syncs_within_bound(phantom):
+@pytest.mark.parametrize("inference", ["tiles", "slabs"])
+def test_host_syncs_within_bound(phantom, inference):
     predictor = tiny_predictor()
     with SyncCounter() as counter:
-        predictor.segment(phantom.image, spacing=phantom.spacing)
+        predictor.segment(phantom.image, spacing=phantom.spacing, inference=inference)
     assert counter.syncs <= SYNC_BOUND, counter.by_op
-    assert counter.by_op["bool_index"] == 2  # one tile selection per stage
+    if inference == "tiles":
+        assert counter.by_op["bool_index"] == 2  # one tile selection per stage
+    else:
+        assert counter.by_op["bool_index"] == 0  # slabs are placed from three projections
 
 
 @pytest.mark.gpu

@@ -76,6 +76,7 @@ def test_every_option_reaches_the_cascade_unchanged(monkeypatch):
         "body_mask_backend": "torch",
         "precision": "fp32",
         "compile": False,
+        "inference": "tiles",
     }
     assert sorted(chosen) == sorted(option_names())  # a new option must be added here
     result = fastcascade.segment(ct, spacing=(6.0, 6.0, 6.0), model=predictor, **chosen)
