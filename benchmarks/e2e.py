@@ -1,4 +1,4 @@
-"""End-to-end benchmark: ``segment()`` on phantoms, on case A and on case A at 0.8 mm.
+"""End-to-end benchmark: ``segment()`` on phantoms, case A, case A at 0.8 mm and case E.
 
     python benchmarks/e2e.py --device cpu             # the full CPU run
     python benchmarks/e2e.py --quick                  # one phantom + case A, 1 repeat
@@ -8,13 +8,14 @@ Cases (``--cases``): ``phantom`` (two generated phantoms of the default size, 12
 voxels at 3 mm, seeds never used for training), ``case_a`` (the real CT as it is,
 122x101x112 at 3 mm), ``case_a_08mm`` (case A resampled trilinearly to 0.8 mm isotropic
 in memory: 458x379x420 voxels, the size of a clinical scan; its reference labels follow
-by nearest neighbour) and ``phantom_small`` (61x51x56 at 6 mm, for smoke tests).
+by nearest neighbour), ``case_e`` (the second real CT, arterial phase, 512x512x133 at
+0.7x0.7x2.5 mm) and ``phantom_small`` (61x51x56 at 6 mm, for smoke tests).
 
 Providers (``--providers``), all in the same run on the same inputs:
 
 ====================  ====================================================================
-``fastcascade``       default options: empty tiles skipped, overlapping stage 2, fp32 (on
-                      a GPU the fused conv-BN-ReLU kernels)
+``fastcascade``       default options: slab passes over each stage's region, stage 2 in
+                      four pooling-phase passes, fp32 (on a GPU the fused kernels)
 ``every_tile``        the original's approach: every tile computed, non-overlapping stage
                       2, the body mask in SciPy on the host (``skip_empty=False,
                       overlap=False, body_mask_backend="scipy"``), same networks
@@ -23,6 +24,10 @@ Providers (``--providers``), all in the same run on the same inputs:
                       channels-last, ``torch.compile``; bf16 autocast on a GPU, fp32 on
                       the CPU (bf16 conv3d is a slow path there). On the CPU fastcascade
                       itself is pure PyTorch, so this differs from it only by the compile.
+``tiles_overlap``     fastcascade on model-sized tiles (empty ones skipped), overlapping
+                      stage 2: like for like with ``fastcascade``
+``slabs_single``      slabs, one pass per region in both stages: like for like with
+                      ``every_tile``
 ``fastcascade_bf16``  GPU only: fastcascade in bf16 autocast, like for like with torch_best
 ====================  ====================================================================
 
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     repeats = args.repeats or (1 if args.quick or not gpu else 3)
     cases = args.cases or (["phantom", "case_a"] if args.quick else list(DEFAULT_CASES))
-    providers = args.providers or (list(PROVIDERS) if gpu else list(PROVIDERS[:3]))
+    providers = args.providers or (list(PROVIDERS) if gpu else list(PROVIDERS[:5]))
     if not gpu and "fastcascade_bf16" in providers:
         print("fastcascade_bf16 needs a GPU", file=sys.stderr)
         return 2

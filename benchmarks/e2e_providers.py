@@ -32,7 +32,14 @@ from fastcascade.model.unet3d import ConvBNReLU
 from fastcascade.ops.morphology import resolve_backend as resolve_body_mask_backend
 from fastcascade.presets import default_config
 
-PROVIDERS = ("fastcascade", "every_tile", "torch_best", "fastcascade_bf16")
+PROVIDERS = (
+    "fastcascade",
+    "every_tile",
+    "torch_best",
+    "tiles_overlap",
+    "slabs_single",
+    "fastcascade_bf16",
+)
 
 
 # -- models ------------------------------------------------------------------------------
@@ -152,14 +159,20 @@ def make_providers(
     gpu = device.type == "cuda"
     fast = Predictor(model.config, model.stage1, model.stage2, device=device)
     batch = {"batch_size": batch_size}
-    every = {"skip_empty": False, "overlap": False, "body_mask_backend": "scipy", **batch}
+    every = {
+        "inference": "tiles",
+        "skip_empty": False,
+        "overlap": False,
+        "body_mask_backend": "scipy",
+        **batch,
+    }
 
     def torch_best() -> Provider:
         precision = "bf16" if gpu else "fp32"
         nets = torch_only(model.stage1), torch_only(model.stage2)
         pred = Predictor(model.config, *nets, device=device, precision=precision, compile=True)
         what = f"PyTorch only, tiles skipped, overlap, {precision}, channels-last, torch.compile"
-        return Provider("torch_best", pred, batch, True, what)
+        return Provider("torch_best", pred, {"inference": "tiles", **batch}, True, what)
 
     def fastcascade_bf16() -> Provider:
         if not gpu:
@@ -171,7 +184,22 @@ def make_providers(
     fused = f", fused kernels, body mask: {labelling}" if gpu else ""
     build = {
         "fastcascade": lambda: Provider(
-            "fastcascade", fast, batch, False, f"tiles skipped, overlapping stage 2, fp32{fused}"
+            "fastcascade", fast, batch, False, f"slabs, 4 phase passes in stage 2, fp32{fused}"
+        ),
+        "tiles_overlap": lambda: Provider(
+            "tiles_overlap",
+            fast,
+            {"inference": "tiles", **batch},
+            False,
+            "model-sized tiles, empty ones skipped, overlapping stage 2 (like for like "
+            "with fastcascade's slabs)",
+        ),
+        "slabs_single": lambda: Provider(
+            "slabs_single",
+            fast,
+            {"overlap": False, **batch},
+            False,
+            "slabs, one pass per region in both stages (like for like with every_tile)",
         ),
         "every_tile": lambda: Provider(
             "every_tile",

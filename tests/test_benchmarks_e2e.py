@@ -58,7 +58,7 @@ def _run(e2e, tmp_path, model_path, cases, data=None):
         "--cases",
         cases,
         "--providers",
-        "fastcascade,every_tile",
+        "fastcascade,every_tile,tiles_overlap",
         "--model",
         str(model_path),
         "--out",
@@ -85,7 +85,7 @@ def test_phantom_small_report(e2e, e2e_measure, tiny_model, tmp_path, monkeypatc
     write = e2e.write_json
     monkeypatch.setattr(e2e, "write_json", write_json)
     path, report = _run(e2e, tmp_path, model_path, "phantom_small")
-    assert on_disk == [0, 1, 2, 2]
+    assert on_disk == [0, 1, 2, 3, 3]
 
     assert path.name.startswith("e2e-cpu-") and path.with_suffix(".md").exists()
     assert report["finished"] is not None
@@ -97,9 +97,9 @@ def test_phantom_small_report(e2e, e2e_measure, tiny_model, tmp_path, monkeypatc
     assert identity["weights"].endswith("tiny.safetensors") and len(identity["sha256"]) == 64
 
     records = {r["provider"]: r for r in report["records"]}
-    assert set(records) == {"fastcascade", "every_tile"}
-    fast, every = records["fastcascade"], records["every_tile"]
-    for r in (fast, every):
+    assert set(records) == {"fastcascade", "every_tile", "tiles_overlap"}
+    slabs, every, fast = records["fastcascade"], records["every_tile"], records["tiles_overlap"]
+    for r in (slabs, every, fast):
         assert r["case"] == "phantom_small" and r["shape"] == [61, 51, 56]
         assert set(r["timings_s"]) == set(e2e_measure.STEPS)
         assert r["peak_memory_mb"] > 0 and r["host_syncs"] >= 1
@@ -117,12 +117,17 @@ def test_phantom_small_report(e2e, e2e_measure, tiny_model, tmp_path, monkeypatc
     )
     assert every["tiles"]["stage1"] == {"computed": grid1, "total": grid1, "skipped": 0}
     assert every["tiles"]["stage2"] == {"computed": grid1, "total": grid1, "skipped": 0}
+    # Slabs: one pass over C1's box in stage 1, the four phase passes over C2's in stage 2.
+    assert slabs["tiles"]["stage1"] == {"computed": 1, "total": 1, "skipped": 0}
+    assert slabs["tiles"]["stage2"] == {"computed": 4, "total": 4, "skipped": 0}
+    assert slabs["c1_fraction"] == every["c1_fraction"]
+    assert set(slabs["speedup_vs_every_tile"]) == {"stage1", "stage2", "total"}
     assert fast["tiles"]["stage1"]["total"] == grid1
     assert fast["tiles"]["stage2"]["total"] == grid2
     assert 0 < fast["tiles"]["stage1"]["computed"] < grid1  # the air around the body
     # A random stage 1 marks foreground nearly everywhere in C1, so C2 may touch every tile.
     assert 0 < fast["tiles"]["stage2"]["computed"] <= grid2
-    # Every-tile and fastcascade see the same C1; C2 follows from stage 1, identical too.
+    # Every-tile and skipped tiles see the same C1; C2 follows from stage 1, identical too.
     assert fast["c1_fraction"] == every["c1_fraction"]
     assert fast["c2_fraction"] == every["c2_fraction"]
     assert 0.0 <= fast["dice_vs_every_tile"]["mean"] <= 1.0
@@ -131,6 +136,7 @@ def test_phantom_small_report(e2e, e2e_measure, tiny_model, tmp_path, monkeypatc
 
     table = path.with_suffix(".md").read_text()
     assert "| phantom_small | fastcascade |" in table
+    assert "| phantom_small | tiles_overlap |" in table
     assert f"{grid1}/{grid1}" in table
 
 
