@@ -1,5 +1,8 @@
 """The public :func:`conv_bn_relu`: input checks, the provider choice (our Triton kernel,
 cuDNN's fused convolution or PyTorch), and the cuDNN path as a custom op.
+
+Either fused path falls back per layer shape to conv3d + ReLU where it has no kernel for
+the shape (``fallback``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from torch import nn
 
 from .. import _backend
 from .configs import table_entry
+from .fallback import CUDNN
 from .folding import FoldedConv, _check_module, folded
 from .kernel import _empty_channels_last, _output_shape, _triton_op
 from .reference import PADDINGS, conv_bn_relu_ref
@@ -21,12 +25,24 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # -- the cuDNN path ------------------------------------------------------------------------
+def _cudnn_fused(x, weight, bias, pad):
+    y = torch.cudnn_convolution_relu(x, weight, bias, [1, 1, 1], [pad] * 3, [1, 1, 1], 1)
+    return y.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _cudnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad: int) -> torch.Tensor:
+    """The body of :func:`_cudnn_op`: cuDNN's fused kernel, or conv3d + ReLU where cuDNN
+    has no fused engine for the shape."""
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    return CUDNN.run(
+        x, weight.shape[0], pad, lambda: _cudnn_fused(x, weight, bias, pad), lambda: (weight, bias)
+    )
+
+
 @torch.library.custom_op("fastcascade::cudnn_conv_bias_relu", mutates_args=())
 def _cudnn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad: int) -> torch.Tensor:
     """relu(conv3d(x, weight) + bias) through cuDNN's fused kernel (CUDA tensors)."""
-    x = x.contiguous(memory_format=torch.channels_last_3d)
-    y = torch.cudnn_convolution_relu(x, weight, bias, [1, 1, 1], [pad] * 3, [1, 1, 1], 1)
-    return y.contiguous(memory_format=torch.channels_last_3d)
+    return _cudnn(x, weight, bias, pad)
 
 
 @_cudnn_op.register_fake

@@ -72,6 +72,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def unpack_weight(packed: torch.Tensor, cin: int, cout: int) -> torch.Tensor:
+    """The inverse of :func:`pack_weight`: a (C_out, C_in, 3, 3, 3) view of ``packed``."""
+    return packed[:, :cout].unflatten(0, (3, 3, 3, cin)).permute(4, 3, 0, 1, 2)
+
+
 @dataclass(frozen=True)
 class FoldedConv:
     """A convolution with BatchNorm folded in, ready for the fast paths.

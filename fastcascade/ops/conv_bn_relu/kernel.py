@@ -20,6 +20,8 @@ import torch
 
 from .. import _backend
 from .configs import K_FLAT_BELOW, autotuned_config, kernel_config
+from .fallback import TRITON
+from .folding import unpack_weight
 from .reference import PADDINGS
 
 triton, tl = _backend.import_triton()
@@ -218,15 +220,30 @@ def _launch(
     return y
 
 
+def _triton(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, pad: int, input_precision: str
+) -> torch.Tensor:
+    """The body of :func:`_triton_op`: the kernel, or conv3d + ReLU with the same folded
+    parameters where it cannot launch this shape (see ``fallback``)."""
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    cout = bias.shape[0]
+    return TRITON.run(
+        x,
+        cout,
+        pad,
+        lambda: _launch(x, packed, bias, PADDINGS[pad], input_precision),
+        lambda: (unpack_weight(packed, x.shape[1], cout), bias.to(x.dtype)),
+    )
+
+
 @torch.library.custom_op("fastcascade::conv3x3x3_bias_relu", mutates_args=())
 def _triton_op(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, pad: int, input_precision: str
 ) -> torch.Tensor:
     """relu(conv3d(x, W) + b) through the Triton kernel; W packed by
     :func:`~fastcascade.ops.conv_bn_relu.folding.pack_weight`."""
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    return _launch(x, packed, bias, PADDINGS[pad], input_precision)
+    return _triton(x, packed, bias, pad, input_precision)
 
 
 @_triton_op.register_fake
