@@ -25,6 +25,7 @@ from fastcascade.ops.conv_bn_relu import (
     dispatch,
     fallback,
     fold_bn,
+    folding,
     kernel,
     pack_weight,
     unpack_weight,
@@ -329,6 +330,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_backend, "cudnn_available", lambda: True)
     monkeypatch.setattr(_backend, "interpreter_on", lambda: False)
     monkeypatch.setattr(torch, "cudnn_convolution_relu", cudnn_convolution_relu)
+    monkeypatch.setattr(kernel, "_TABLE_CONFIGS", {})
     monkeypatch.setattr(fallback, "FALLBACKS", {})
     return calls
 
@@ -490,6 +492,153 @@ def test_triton_out_of_resources_falls_back_once(fake_gpu, monkeypatch):
     assert all(torch.equal(y, F.relu(F.conv3d(x, w, b, padding=1))) for y in ys)
     torch.testing.assert_close(ys[0], conv_bn_relu_ref(x, *params, "same"), rtol=1e-5, atol=1e-5)
     assert list(fallback.fallbacks()) == [("triton", x.shape, 16, torch.float32, x.device, 1)]
+
+
+# -- what an eval-mode call reuses -----------------------------------------------------------
+def test_eval_calls_fold_once_and_skip_the_custom_op(fake_gpu, monkeypatch):
+    folds = []
+    real_fold = folding.fold_bn
+    monkeypatch.setattr(folding, "fold_bn", lambda *a: folds.append(1) or real_fold(*a))
+
+    def no_op(*args):
+        raise AssertionError("an eager call goes around the custom op")
+
+    monkeypatch.setattr(dispatch, "_cudnn_op", no_op)
+    case = Case(1, 3, 5, (6, 6, 6), "valid")
+    m, x = module_for(case), make_params(case)[0]
+    with torch.no_grad():
+        for _ in range(4):
+            torch.testing.assert_close(conv_bn_relu(x, m), _expected(m, x))
+        plan = folding.prepared(m)
+        assert folding.prepared(m) is plan
+    with torch.inference_mode():
+        conv_bn_relu(x, m)
+    assert len(folds) == 1 and len(fake_gpu) == 5
+    assert plan.providers == {("auto", False, torch.float32, "tf32"): (configs.CONFIGS, "cudnn")}
+
+
+def _replace_weight(m):
+    m.conv.weight = torch.nn.Parameter(m.conv.weight.detach() * 0.5)
+
+
+def _replace_bn(m):
+    twin = copy.deepcopy(m.bn)
+    with torch.no_grad():
+        twin.bias.add_(0.3)
+    m.bn = twin
+
+
+CHANGED = Case(1, 3, 5, (6, 6, 6), "valid")
+CHANGES = {
+    "weight-in-place": lambda m: m.conv.weight.mul_(2.0),
+    "bias-in-place": lambda m: m.conv.bias.add_(0.5),
+    "running-var-in-place": lambda m: m.bn.running_var.fill_(4.0),
+    "bn-weight-in-place": lambda m: m.bn.weight.mul_(-1.0),
+    "weight-data": lambda m: setattr(m.conv.weight, "data", m.conv.weight.data * 3.0),
+    "new-parameter": _replace_weight,
+    "new-batchnorm": _replace_bn,
+    "eps": lambda m: setattr(m.bn, "eps", 0.5),
+    "load-state-dict": lambda m: m.load_state_dict(module_for(CHANGED, seed=7).state_dict()),
+    "double-then-float": lambda m: m.double().float(),
+    "training-forward": lambda m: _train_step(m),
+    "swap-on-conversion": lambda m: _swapped(m),
+}
+
+
+def _train_step(m):
+    m.train()
+    m.bn(m.conv(torch.randn(2, 3, 6, 6, 6)))  # new running statistics
+    m.eval()
+
+
+class PlainBlock(torch.nn.Module):
+    """Not a ConvBNReLU (none of its overrides): only the stamp notices changes."""
+
+    def __init__(self, block: ConvBNReLU):
+        super().__init__()
+        self.conv, self.bn = block.conv, block.bn
+
+
+def _swapped(m):
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.double()
+        with torch.no_grad():
+            m.conv.weight.mul_(0.25)
+        m.float()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+
+
+@pytest.mark.parametrize("kind", ["ConvBNReLU", "plain-module"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_after_the_first_call_changes_the_output(fake_gpu, change, kind):
+    m, x = module_for(CHANGED), make_params(CHANGED)[0]
+    if kind == "plain-module":
+        m = PlainBlock(m).eval()
+    with torch.no_grad():
+        before = conv_bn_relu(x, m)
+        torch.testing.assert_close(before, _expected(m, x))
+        plan = folding.prepared(m)
+        CHANGES[change](m)
+        after = conv_bn_relu(x, m)
+    torch.testing.assert_close(after, _expected(m, x), rtol=1e-5, atol=1e-5)
+    if change != "double-then-float":  # the one change that keeps the values
+        assert not torch.allclose(after, before)
+    assert folding.prepared(m) is not plan
+
+
+def test_train_mode_invalidates_and_eval_prepares_again(fake_gpu):
+    case = Case(1, 2, 4, (5, 5, 5), "same")
+    m, x = module_for(case), make_params(case)[0]
+    with torch.no_grad():
+        conv_bn_relu(x, m)
+        m.train()
+        with pytest.raises(ValueError, match="batch statistics"):
+            conv_bn_relu(x, m)
+        m(x)  # training-mode forward: new running statistics
+        m.eval()
+        torch.testing.assert_close(conv_bn_relu(x, m), _expected(m, x))
+
+
+def test_gradients_wanted_after_a_cached_call_take_pytorchs_path(fake_gpu):
+    case = Case(1, 2, 4, (5, 5, 5), "valid")
+    m, x = module_for(case), make_params(case)[0]
+    with torch.no_grad():
+        conv_bn_relu(x, m)
+    y = conv_bn_relu(x, m)  # grad mode on, parameters requiring it: PyTorch's path
+    assert y.grad_fn is not None and len(fake_gpu) == 1
+    m.requires_grad_(False)  # frozen: nothing needs a gradient, the fused path again
+    assert conv_bn_relu(x, m).grad_fn is None and len(fake_gpu) == 2
+
+
+def test_provider_choice_follows_a_replaced_table(fake_gpu, monkeypatch):
+    launches = []
+    monkeypatch.setattr(kernel, "_launch", lambda *a, **k: launches.append(1) or torch.zeros(1))
+    case = Case(1, 16, 32, (5, 5, 5), "valid")  # a shape of the table
+    m, x = module_for(case), make_params(case)[0]
+    with torch.no_grad():
+        monkeypatch.setattr(configs, "CONFIGS", _all("cudnn"))
+        conv_bn_relu(x, m)
+        monkeypatch.setattr(configs, "CONFIGS", _all("triton"))
+        conv_bn_relu(x, m)
+    assert (len(fake_gpu), len(launches)) == (1, 1)
+
+
+@needs_interpreter
+@pytest.mark.slow
+def test_compiled_module_call_matches_eager():
+    case = Case(1, 3, 16, (5, 5, 5), "valid")
+    m, x = module_for(case), make_params(case)[0]
+
+    def block(t):
+        return conv_bn_relu(t, m, backend="triton", input_precision="ieee")
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x))
+        torch.testing.assert_close(compiled(x), _expected(m, x), rtol=1e-5, atol=1e-5)
 
 
 # -- input validation ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ The package, one responsibility per module:
 - ``configs``: the kernel's block configurations: the committed per-shape table, the
   defaults, the tuning candidates and opt-in run-time autotuning.
 - ``folding``: BatchNorm folding, weight packing, :class:`FoldedConv` and the per-module
-  cache of folded parameters.
+  cache of what eval-mode calls reuse (checks, folded parameters, provider choices).
 - ``fallback``: conv3d + ReLU with the folded weights for the layer shapes a fused path
   cannot run (no cuDNN engine, a Triton launch out of resources), decided once per shape.
 - ``reference``: :func:`conv_bn_relu_ref`, the plain PyTorch path (also the CPU path).
@@ -37,7 +37,7 @@ from .configs import (
 )
 from .dispatch import KERNEL_DTYPES, PRECISIONS, conv_bn_relu
 from .fallback import FALLBACKS, fallbacks
-from .folding import FoldedConv, fold_bn, folded, pack_weight, unpack_weight
+from .folding import FoldedConv, fold_bn, folded, pack_weight, prepared, unpack_weight
 from .reference import PADDINGS, conv_bn_relu_ref
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "folded",
     "kernel_config",
     "pack_weight",
+    "prepared",
     "table_entry",
     "unpack_weight",
 ]
