@@ -813,6 +813,32 @@ def test_gpu_half_precision_error_within_twice_pytorchs(shape, padding, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape", [(1, 8), (1, 32), (6, 12), (12, 36), (36, 6)], ids=lambda s: f"{s[0]}to{s[1]}"
+)
+def test_gpu_cudnn_shapes_without_a_fused_engine_still_run(shape, monkeypatch):
+    """cuDNN has no fused conv+bias+ReLU engine for some of these in bf16 (which ones
+    depends on the cuDNN version; the run prints them): each runs, unfused where needed,
+    within twice PyTorch's own bf16 error, the same at the second call."""
+    _needs_cuda()
+    monkeypatch.setattr(fallback, "FALLBACKS", {})
+    cin, cout = shape
+    case = Case(1, cin, cout, (12, 10, 9), "valid")
+    x, params = make_params(case)
+    x, params = x.cuda(), tuple(p.cuda() if torch.is_tensor(p) else p for p in params)
+    m = module_for(case).cuda()
+    ref = conv_bn_relu_ref(x.double(), *(p.double() for p in params[:6]), params[6])
+    x_cl = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            torch_err = _rel_err(F.relu(m.bn(m.conv(x_cl))), ref)
+        first, second = (conv_bn_relu(x_cl, m, backend="cudnn") for _ in range(2))
+    print(f"{cin}->{cout} bf16 fell back:", fallback.fallbacks() or "no")
+    assert torch.equal(first, second)
+    assert _rel_err(first, ref) <= 2 * torch_err + 1e-6, (_rel_err(first, ref), torch_err)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gpu_fp32_exact_and_tf32(case, nan_outputs):
     _needs_cuda()

@@ -127,3 +127,9 @@ TRITON = FusedPath("triton", (*_OUT_OF_RESOURCES, RuntimeError), triton_out_of_r
 def fallbacks() -> dict[tuple, str]:
     """A copy of :data:`FALLBACKS`: the layer shapes that ran unfused in this process."""
     return dict(FALLBACKS)
+
+
+def reason(name: str, x: torch.Tensor, cout: int, pad: int) -> str | None:
+    """Why path ``name`` (``"cudnn"`` or ``"triton"``) runs ``x`` → ``cout`` channels
+    unfused, or ``None`` where it runs fused (or has not been tried)."""
+    return FALLBACKS.get(_key(name, x, cout, pad))
