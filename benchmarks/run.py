@@ -32,6 +32,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "kernels": ("bench_kernels", "run_kernels"),
     "tune": ("bench_tune", "run_tune"),
     "morphology": ("bench_morphology", "run_morphology"),
+    "host": ("bench_host", "run_host"),
 }
 
 
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     parser.add_argument("--quick", action="store_true", help="bf16 only, batch 1-2, one compile")
     parser.add_argument("--cpu", action="store_true", help="tiny dry run on the CPU, no timings")
+    parser.add_argument(
+        "--baseline", help="git revision to time against in the same run (--area host; 'none')"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     sys.path.insert(1, str(ROOT))
