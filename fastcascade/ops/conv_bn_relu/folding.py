@@ -220,15 +220,16 @@ def _fast_tensors(conv, bn) -> tuple:
 
 def _stamp(module: nn.Module, fast: bool) -> tuple | None:
     """See :class:`Prepared`; ``None`` where the module no longer has ``.conv`` / ``.bn``."""
-    if fast:  # all six tensors were there, as plain entries: one flat tuple, no calls
+    if fast:  # all six tensors are plain dict entries: read without nn.Module.__getattr__
         modules = module._modules
         conv, bn = modules.get("conv"), modules.get("bn")
         if conv is None or bn is None:
             return None
-        w, b, g, beta, mean, var = _fast_tensors(conv, bn)
+        p, q, r = conv._parameters, bn._parameters, bn._buffers  # _fast_tensors, inline
+        w, b, g, beta = p.get("weight"), p.get("bias"), q.get("weight"), q.get("bias")
+        mean, var, steps = r.get("running_mean"), r.get("running_var"), r.get("num_batches_tracked")
         if w is None or b is None or g is None or beta is None or mean is None or var is None:
             return None
-        steps = bn._buffers.get("num_batches_tracked")
         return (
             id(conv), id(bn), bn.training, bn.eps, conv.padding,
             None if steps is None else steps._version,
