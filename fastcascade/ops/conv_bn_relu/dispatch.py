@@ -167,9 +167,10 @@ def conv_bn_relu(
         if len(weight_shape) != 5 or weight_shape[2:] != (3, 3, 3):
             raise ValueError(f"weight must be (C_out, C_in, 3, 3, 3), got {weight_shape}")
         cout, cin = weight_shape[:2]
-    if x.shape[1] != cin:
-        raise ValueError(f"x has {x.shape[1]} channels, the convolution expects {cin}")
-    if padding == "valid" and min(x.shape[2:]) < 3:
+    shape = x.shape  # a new torch.Size at every read
+    if shape[1] != cin:
+        raise ValueError(f"x has {shape[1]} channels, the convolution expects {cin}")
+    if padding == "valid" and min(shape[2], shape[3], shape[4]) < 3:
         raise ValueError(
             f"valid padding needs at least 3 voxels per axis, got {tuple(x.shape[2:])}"
         )
@@ -228,7 +229,7 @@ def _dispatch(x, module_or_params, module, plan, padding, cin, cout, dtype, back
         tensors = [module_or_params.weight, module_or_params.bias]
     else:
         tensors = list(module_or_params)
-    needs_grad = _needs_grad(x, tensors)
+    needs_grad = torch.is_grad_enabled() and _needs_grad(x, tensors)
     if plan is not None and not needs_grad:
         provider = _cached_provider(plan, backend, x, dtype, precision)
     else:
