@@ -6,6 +6,8 @@ Run through ``benchmarks/run.py --area kernels`` or ``--area tune`` (see
 - ``fastcascade``: our Triton kernel (``conv_bn_relu(..., backend="triton")``; the timed
   region includes the cached BatchNorm fold lookup and the launch);
 - ``cudnn_fused``: ``torch.cudnn_convolution_relu`` with BatchNorm folded (same lookup);
+  where a fused path has no kernel for a shape it runs conv3d + ReLU instead, and the
+  record's ``fallback`` says why (``meta.fallbacks`` lists every such shape of the run);
 - ``eager``: ``relu(bn(conv(x)))`` in PyTorch, module and input in the dtype, channels-last;
 - ``compile``: ``torch.compile`` of that eager block (a few shapes; cold start recorded).
 
@@ -33,6 +35,7 @@ from run import markdown_table, measure
 import fastcascade.model.unet3d as unet3d
 from fastcascade.model import ConvBNReLU, UNet3D
 from fastcascade.ops import conv_bn_relu as cbr
+from fastcascade.ops.conv_bn_relu import fallback
 from fastcascade.presets import PAPER_CLASS_NAMES
 
 PAPER_TILE = (132, 132, 116)
@@ -213,6 +216,7 @@ def bench_layer(layer, batch, dtype_name, rec, *, cuda, peaks, compile_it, reps)
     x = torch.randn(batch, layer.cin, *layer.size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     precision = "tf32" if dtype_name == "tf32" else "ieee"
+    pad = 1 if layer.padding == "same" else 0
     providers = {
         "fastcascade": lambda: cbr.conv_bn_relu(x, m, backend="triton", input_precision=precision),
         "eager": lambda: _eager_block(x, eager),
@@ -247,6 +251,10 @@ def bench_layer(layer, batch, dtype_name, rec, *, cuda, peaks, compile_it, reps)
                     entry.update(timing)
             if err:
                 entry["error"] = err
+            path = {"fastcascade": "triton", "cudnn_fused": "cudnn"}.get(name)
+            unfused = path and fallback.reason(path, x, layer.cout, pad)
+            if unfused:  # no fused kernel for this shape: the time is conv3d + ReLU's
+                entry["fallback"] = unfused
             elt = torch.finfo(dtype).bits // 8
             _derived(entry, layer.flops(batch), layer.bytes(batch, elt), peaks, dtype_name)
             rec.add(**entry)
@@ -338,6 +346,7 @@ COLUMNS = [
     ("× eager", "speedup_vs_eager", ".2f"),
     ("× best baseline", "speedup_vs_best_baseline", ".2f"),
     ("peak MiB", "peak_mem_mib", ".0f"),
+    ("unfused (no fused kernel)", "fallback", ""),
     ("note", "error", ""),
 ]
 
@@ -409,6 +418,8 @@ def run_kernels(args, rec) -> None:
                 flops=flops,
             )
     _speedups(rec.data["results"])
+    # Every layer shape a fused path ran unfused in this run (the tile's included).
+    rec.data["meta"]["fallbacks"] = {str(k): v for k, v in fallback.fallbacks().items()}
     rec.flush()
     title = f"# conv-BN-ReLU and U-Net tile on {rec.data['meta']['device']}\n\n"
     if args.cpu:

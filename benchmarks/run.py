@@ -34,6 +34,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "morphology": ("bench_morphology", "run_morphology"),
     "dilate": ("bench_dilate", "run_dilate"),
     "passes": ("bench_passes", "run_passes"),
+    "host": ("bench_host", "run_host"),
 }
 
 
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=3,
         help="passes area: tile passes that run the network (the rest extrapolated)",
+    )
+    parser.add_argument(
+        "--baseline", help="git revision to time against in the same run (--area host; 'none')"
     )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))

@@ -101,7 +101,8 @@ class Predictor:
 
     ``options``: the predictor's default :class:`~fastcascade.options.InferenceOptions`
     (each call may override them); ``precision`` and ``compile`` are shorthands for two
-    of them.
+    of them. ``precision="auto"`` (the default) runs the networks under bf16 autocast on a
+    recent GPU and in fp32 on the CPU; the :attr:`precision` property says which.
 
     >>> predictor = load_model()                      # the embedded default model
     >>> result = predictor.segment("ct.nii.gz")       # doctest: +SKIP
@@ -117,7 +118,7 @@ class Predictor:
         stage1: UNet3D,
         stage2: UNet3D,
         device="auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         compile: bool = False,
         options: InferenceOptions | None = None,
     ):
@@ -130,7 +131,10 @@ class Predictor:
 
     @property
     def precision(self) -> str:
-        return self.options.precision
+        """The precision the networks run in on the predictor's device (``"auto"``
+        resolved: ``"bf16"`` on a recent GPU, ``"fp32"`` on the CPU)."""
+        dtype = self.options.autocast_dtype_for(self.device)
+        return next(name for name, d in self.PRECISIONS.items() if d == dtype)
 
     @property
     def compile(self) -> bool:
@@ -206,11 +210,12 @@ class Predictor:
 
 
 def load_model(
-    path=None, device="auto", precision: str = "fp32", compile: bool = False
+    path=None, device="auto", precision: str = "auto", compile: bool = False
 ) -> Predictor:
     """Load a cascade (``model.safetensors`` + ``model.json``); ``None`` is the default.
 
-    ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast for the networks (GPU);
+    ``precision``: ``"auto"`` (bf16 autocast on a recent GPU, fp32 on the CPU), ``"fp32"``,
+    or ``"bf16"``/``"fp16"`` autocast for the networks;
     ``compile``: ``torch.compile`` both networks on first use. Both become the
     predictor's default options.
     """

@@ -199,7 +199,7 @@ def segment_scan(
     grid = scan.working_grid(config.spacing)
     image = grid.image(device)  # the one upload
     clock.lap("to_working_grid")
-    dtype = options.autocast_dtype
+    dtype = options.autocast_dtype_for(device)  # "auto": bf16 on a GPU, fp32 on the CPU
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         out = run_cascade(image, stage1, stage2, config, options, progress, clock)
     labels = grid.labels_to_input(out.stage2.labels)

@@ -23,7 +23,8 @@ import torch
 from .ops.morphology import BACKENDS as BODY_MASK_BACKENDS
 
 #: autocast dtypes by ``precision`` name (``None``: no autocast); probabilities are
-#: averaged in fp32 whatever the precision.
+#: averaged in fp32 whatever the precision. ``"auto"`` is resolved per device:
+#: :meth:`InferenceOptions.autocast_dtype_for`.
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
     "bf16": torch.bfloat16,
@@ -51,7 +52,10 @@ class InferenceOptions:
       (:func:`fastcascade.passes.pass_bytes`).
     - ``body_mask_backend``: how C1's hole filling and labelling run (``"auto"``,
       ``"scipy"``, ``"cupy"``, ``"torch"``; all give the same mask).
-    - ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the networks.
+    - ``precision``: ``"auto"`` (bf16 autocast on a CUDA GPU with native bf16, compute
+      capability 8.0 or newer; fp32 elsewhere, the CPU included, where results are those of
+      ``"fp32"`` bit for bit), ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the
+      networks. Probabilities are averaged in fp32 whatever the precision.
     - ``compile``: ``torch.compile`` both networks on first use.
     - ``inference``: how a stage runs its network (:mod:`fastcascade.passes`):
       ``"slabs"`` (the default), the largest inputs that fit ``memory_budget``,
@@ -68,7 +72,7 @@ class InferenceOptions:
     probabilities: bool = False
     memory_budget: int | None = None
     body_mask_backend: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     compile: bool = False
     inference: str = "slabs"
 
@@ -98,15 +102,34 @@ class InferenceOptions:
             )
         if self.inference not in INFERENCE:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
-        if self.precision not in PRECISIONS:
+        if self.precision != "auto" and self.precision not in PRECISIONS:
             raise ValueError(
-                f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
+                f"precision must be one of {('auto', *PRECISIONS)}, got {self.precision!r}"
             )
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        """The networks' autocast dtype, ``None`` for fp32."""
+        """The networks' autocast dtype, ``None`` for fp32; for ``"auto"`` it depends on
+        the device, see :meth:`autocast_dtype_for`."""
+        if self.precision == "auto":
+            raise ValueError("precision 'auto' depends on the device: use autocast_dtype_for")
         return PRECISIONS[self.precision]
+
+    def autocast_dtype_for(self, device: torch.device | str) -> torch.dtype | None:
+        """The networks' autocast dtype on ``device``, ``None`` for fp32.
+
+        ``"auto"``: bf16 on a CUDA device of compute capability 8.0 or newer (native bf16;
+        older GPUs have no bf16 convolution engines), ``None`` on every other device.
+
+        >>> InferenceOptions().autocast_dtype_for("cpu") is None
+        True
+        """
+        if self.precision != "auto":
+            return PRECISIONS[self.precision]
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+            return torch.bfloat16
+        return None
 
     def replace(self, **changes: Any) -> InferenceOptions:
         """A copy with ``changes`` applied (checked like a new object); unknown names

@@ -133,7 +133,7 @@ def run_stage(
                 memory_budget=options.memory_budget,
                 progress=progress,
             )
-        dtype = options.autocast_dtype
+        dtype = options.autocast_dtype_for(image.device)
         return run_slabs(
             network,
             image,

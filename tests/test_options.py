@@ -93,3 +93,58 @@ def test_predictor_holds_its_default_options():
     predictor.compile = True
     assert predictor.options.compile and predictor.compile
     assert predictor.precision == "fp32"
+
+
+# -- precision="auto" --------------------------------------------------------------------------
+def test_auto_precision_is_the_default_and_resolves_per_device(monkeypatch):
+    import inspect
+
+    from fastcascade.api import Predictor, load_model
+
+    assert InferenceOptions().precision == "auto"
+    assert inspect.signature(load_model).parameters["precision"].default == "auto"
+    assert inspect.signature(Predictor).parameters["precision"].default == "auto"
+    auto = InferenceOptions()
+    assert auto.autocast_dtype_for("cpu") is None
+    assert auto.autocast_dtype_for(torch.device("meta")) is None
+    capability = {"now": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    assert auto.autocast_dtype_for("cuda") is torch.bfloat16
+    assert auto.autocast_dtype_for(torch.device("cuda", 1)) is torch.bfloat16
+    capability["now"] = (7, 5)  # no native bf16 (and no bf16 convolution engines): fp32
+    assert auto.autocast_dtype_for("cuda") is None
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        fixed = InferenceOptions(precision=name)
+        assert fixed.autocast_dtype == dtype
+        assert fixed.autocast_dtype_for("cpu") == dtype == fixed.autocast_dtype_for("cuda")
+    with pytest.raises(ValueError, match="depends on the device"):
+        auto.autocast_dtype  # noqa: B018
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'fp32'"):
+        InferenceOptions(precision="tf32")
+
+
+def _ct():
+    ct = np.full((20, 20, 20), -1000.0, np.float32)
+    ct[4:16, 4:16, 4:16] = 40.0
+    ct[8:12, 6:10, 5:15] = 300.0
+    return ct
+
+
+def test_auto_precision_on_the_cpu_is_bit_identical_to_fp32():
+    predictor = tiny_predictor()
+    assert predictor.precision == "fp32"  # "auto", resolved on the predictor's CPU
+    runs = {
+        p: predictor.segment(_ct(), spacing=(6.0, 6.0, 6.0), probabilities=True, precision=p)
+        for p in ("auto", "fp32")
+    }
+    assert np.array_equal(runs["auto"].labels, runs["fp32"].labels)
+    assert np.array_equal(runs["auto"].probabilities, runs["fp32"].probabilities)
+
+
+def test_probabilities_are_averaged_in_fp32_under_half_precision():
+    """bf16 autocast (on the CPU here): the networks' output is cast to fp32 before the
+    softmax (tiling.py) and stitched into fp32 accumulators (ops/stitch.py)."""
+    predictor = tiny_predictor()
+    result = predictor.segment(_ct(), spacing=(6.0, 6.0, 6.0), probabilities=True, precision="bf16")
+    assert result.probabilities.dtype == np.float32
+    np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-5)

@@ -120,7 +120,7 @@ def evaluate_scan(
     ct_grid = Grid(scan.input_shape, scan.input_affine)
     grid = scan.working_grid(config.spacing)
     image = grid.image(device)
-    dtype = options.autocast_dtype
+    dtype = options.autocast_dtype_for(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         c1, first, c2 = candidate_region(image, predictor.stage1, config, options)
         outputs = {

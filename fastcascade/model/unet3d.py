@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import Architecture
 from ..ops.conv_bn_relu import conv_bn_relu
+from ..ops.conv_bn_relu.folding import forget
 
 
 class ConvBNReLU(nn.Module):
@@ -30,6 +31,17 @@ class ConvBNReLU(nn.Module):
         if x.is_cuda and not (self.training or self.bn.training):
             return conv_bn_relu(x, self)
         return F.relu(self.bn(self.conv(x)))
+
+    # The fused path caches the folded weights on the block and checks a stamp of its
+    # tensors at every call (``ops.conv_bn_relu.folding.Prepared``); a change of mode or a
+    # conversion, which replaces what the cache was built from, drops it outright.
+    def train(self, mode: bool = True) -> ConvBNReLU:
+        forget(self)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        forget(self)
+        return super()._apply(fn, recurse)
 
 
 def _center_crop(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

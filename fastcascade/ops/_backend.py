@@ -70,10 +70,12 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
+@functools.cache
 def autotune_enabled() -> bool:
     """Whether run-time autotuning of block sizes is opted into (``FASTCASCADE_AUTOTUNE=1``).
 
-    Off by default: kernels use the committed per-shape tables.
+    Off by default: kernels use the committed per-shape tables. Read once per process
+    (every Triton launch asks, and reading the environment costs microseconds).
     """
     return os.environ.get("FASTCASCADE_AUTOTUNE", "0") == "1"
 

@@ -11,7 +11,9 @@ The package, one responsibility per module:
 - ``configs``: the kernel's block configurations: the committed per-shape table, the
   defaults, the tuning candidates and opt-in run-time autotuning.
 - ``folding``: BatchNorm folding, weight packing, :class:`FoldedConv` and the per-module
-  cache of folded parameters.
+  cache of what eval-mode calls reuse (checks, folded parameters, provider choices).
+- ``fallback``: conv3d + ReLU with the folded weights for the layer shapes a fused path
+  cannot run (no cuDNN engine, a Triton launch out of resources), decided once per shape.
 - ``reference``: :func:`conv_bn_relu_ref`, the plain PyTorch path (also the CPU path).
 - ``dispatch``: the public :func:`conv_bn_relu`, which chooses between our kernel, cuDNN's
   fused convolution and PyTorch.
@@ -34,11 +36,13 @@ from .configs import (
     table_entry,
 )
 from .dispatch import KERNEL_DTYPES, PRECISIONS, conv_bn_relu
-from .folding import FoldedConv, fold_bn, folded, pack_weight
+from .fallback import FALLBACKS, fallbacks
+from .folding import FoldedConv, fold_bn, folded, pack_weight, prepared, unpack_weight
 from .reference import PADDINGS, conv_bn_relu_ref
 
 __all__ = [
     "CONFIGS",
+    "FALLBACKS",
     "INTERPRETER_CONFIG",
     "KERNEL_DTYPES",
     "K_FLAT_BELOW",
@@ -50,9 +54,12 @@ __all__ = [
     "conv_bn_relu",
     "conv_bn_relu_ref",
     "default_config",
+    "fallbacks",
     "fold_bn",
     "folded",
     "kernel_config",
     "pack_weight",
+    "prepared",
     "table_entry",
+    "unpack_weight",
 ]

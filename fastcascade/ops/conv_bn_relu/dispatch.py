@@ -1,5 +1,12 @@
 """The public :func:`conv_bn_relu`: input checks, the provider choice (our Triton kernel,
 cuDNN's fused convolution or PyTorch), and the cuDNN path as a custom op.
+
+A module's eval-mode call reuses what :func:`~.folding.prepared` cached on it (its checks,
+its folded weights, the provider chosen for this backend, device type, dtype and
+precision), and outside ``torch.compile`` calls the fused path's body directly rather
+than through its custom op, whose dispatch alone costs tens of microseconds of Python per
+layer. Either fused path falls back per layer shape to conv3d + ReLU where it has no
+kernel for the shape (``fallback``).
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
+from . import configs
 from .configs import table_entry
-from .folding import FoldedConv, _check_module, folded
-from .kernel import _empty_channels_last, _output_shape, _triton_op
+from .fallback import CUDNN
+from .folding import FoldedConv, Prepared, _check_module, folded, prepared
+from .kernel import _empty_channels_last, _output_shape, _triton, _triton_op
 from .reference import PADDINGS, conv_bn_relu_ref
 
 PRECISIONS = ("tf32", "ieee")
@@ -21,12 +30,24 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # -- the cuDNN path ------------------------------------------------------------------------
+def _cudnn_fused(x, weight, bias, pad):
+    y = torch.cudnn_convolution_relu(x, weight, bias, [1, 1, 1], [pad] * 3, [1, 1, 1], 1)
+    return y.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _cudnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad: int) -> torch.Tensor:
+    """The body of :func:`_cudnn_op` (also called directly by eager calls): cuDNN's fused
+    kernel, or conv3d + ReLU where cuDNN has no fused engine for the shape."""
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    return CUDNN.run(
+        x, weight.shape[0], pad, lambda: _cudnn_fused(x, weight, bias, pad), lambda: (weight, bias)
+    )
+
+
 @torch.library.custom_op("fastcascade::cudnn_conv_bias_relu", mutates_args=())
 def _cudnn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad: int) -> torch.Tensor:
     """relu(conv3d(x, weight) + bias) through cuDNN's fused kernel (CUDA tensors)."""
-    x = x.contiguous(memory_format=torch.channels_last_3d)
-    y = torch.cudnn_convolution_relu(x, weight, bias, [1, 1, 1], [pad] * 3, [1, 1, 1], 1)
-    return y.contiguous(memory_format=torch.channels_last_3d)
+    return _cudnn(x, weight, bias, pad)
 
 
 @_cudnn_op.register_fake
@@ -114,44 +135,52 @@ def conv_bn_relu(
     if input_precision not in PRECISIONS:
         raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
     module = module_or_params if isinstance(module_or_params, nn.Module) else None
+    plan = None
     if module is not None:
-        _, _, module_padding = _check_module(module)
+        if torch.compiler.is_compiling():  # traced: no cache, the checks and the fold inline
+            _, _, module_padding = _check_module(module)
+            cout, cin = module.conv.weight.shape[:2]
+        else:
+            plan = prepared(module)
+            module_padding, cin, cout = plan.padding, plan.cin, plan.cout
         if padding is not None and padding != module_padding:
             raise ValueError(f"padding {padding!r} differs from the module's {module_padding!r}")
         padding = module_padding
-        weight_shape = tuple(module.conv.weight.shape)
-    elif isinstance(module_or_params, FoldedConv):
-        if padding is not None and padding != module_or_params.padding:
-            raise ValueError(
-                f"padding {padding!r} differs from the FoldedConv's {module_or_params.padding!r}"
-            )
-        padding = module_or_params.padding
-        weight_shape = tuple(module_or_params.weight.shape)
-    elif isinstance(module_or_params, (tuple, list)) and len(module_or_params) == 2:
-        weight_shape = tuple(module_or_params[0].shape)
     else:
-        raise TypeError(
-            "module_or_params must be a ConvBNReLU-like module, a FoldedConv or a "
-            f"(weight, bias) pair, got {type(module_or_params).__name__}"
-        )
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    cout, cin = weight_shape[:2]
-    if len(weight_shape) != 5 or weight_shape[2:] != (3, 3, 3):
-        raise ValueError(f"weight must be (C_out, C_in, 3, 3, 3), got {weight_shape}")
-    if x.shape[1] != cin:
-        raise ValueError(f"x has {x.shape[1]} channels, the convolution expects {cin}")
-    if padding == "valid" and min(x.shape[2:]) < 3:
+        if isinstance(module_or_params, FoldedConv):
+            if padding is not None and padding != module_or_params.padding:
+                raise ValueError(
+                    f"padding {padding!r} differs from the FoldedConv's "
+                    f"{module_or_params.padding!r}"
+                )
+            padding = module_or_params.padding
+            weight_shape = tuple(module_or_params.weight.shape)
+        elif isinstance(module_or_params, (tuple, list)) and len(module_or_params) == 2:
+            weight_shape = tuple(module_or_params[0].shape)
+        else:
+            raise TypeError(
+                "module_or_params must be a ConvBNReLU-like module, a FoldedConv or a "
+                f"(weight, bias) pair, got {type(module_or_params).__name__}"
+            )
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if len(weight_shape) != 5 or weight_shape[2:] != (3, 3, 3):
+            raise ValueError(f"weight must be (C_out, C_in, 3, 3, 3), got {weight_shape}")
+        cout, cin = weight_shape[:2]
+    shape = x.shape  # a new torch.Size at every read
+    if shape[1] != cin:
+        raise ValueError(f"x has {shape[1]} channels, the convolution expects {cin}")
+    if padding == "valid" and min(shape[2], shape[3], shape[4]) < 3:
         raise ValueError(
             f"valid padding needs at least 3 voxels per axis, got {tuple(x.shape[2:])}"
         )
 
     dtype = _compute_dtype(x)
-    exact = dtype == torch.float32 and input_precision == "ieee"
-    with _cudnn_tf32_off() if exact else contextlib.nullcontext():
-        return _dispatch(
-            x, module_or_params, module, padding, cin, cout, dtype, backend, input_precision
-        )
+    args = (x, module_or_params, module, plan, padding, cin, cout, dtype, backend, input_precision)
+    if dtype == torch.float32 and input_precision == "ieee":
+        with _cudnn_tf32_off():
+            return _dispatch(*args)
+    return _dispatch(*args)
 
 
 @contextlib.contextmanager
@@ -166,15 +195,45 @@ def _cudnn_tf32_off():
         torch.backends.cudnn.allow_tf32 = allowed
 
 
-def _dispatch(x, module_or_params, module, padding, cin, cout, dtype, backend, input_precision):
+def _cached_provider(plan: Prepared, backend, x, dtype, input_precision) -> str:
+    """:func:`_provider` for a call that needs no gradient, remembered on the module per
+    (backend, CUDA or not, dtype, precision) while the committed table is the same object."""
+    key = (backend, x.is_cuda, dtype, input_precision)  # the choice reads no more of x
+    hit = plan.providers.get(key)
+    if hit is not None and hit[0] is configs.CONFIGS:
+        return hit[1]
+    name = _provider(backend, x, plan.cin, plan.cout, dtype, input_precision, False)
+    plan.providers[key] = (configs.CONFIGS, name)
+    return name
+
+
+def _direct(x: torch.Tensor) -> bool:
+    """Whether a fused path may be called without its custom op: eager PyTorch on a plain
+    tensor, nothing tracing (``torch.compile``, ``torch.jit.trace``) or intercepting
+    (a dispatch mode: fake tensors, ``make_fx``, FLOP counters) the call."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._get_tracing_state()
+        and not torch._C._len_torch_dispatch_stack()
+    )
+
+
+def _dispatch(x, module_or_params, module, plan, padding, cin, cout, dtype, backend, precision):
     """The checked call of :func:`conv_bn_relu`: choose the provider and run it."""
-    if module is not None:
+    if plan is not None:
+        tensors = plan.tensors
+    elif module is not None:
         tensors = list(module.parameters())
     elif isinstance(module_or_params, FoldedConv):
         tensors = [module_or_params.weight, module_or_params.bias]
     else:
         tensors = list(module_or_params)
-    provider = _provider(backend, x, cin, cout, dtype, input_precision, _needs_grad(x, tensors))
+    needs_grad = torch.is_grad_enabled() and _needs_grad(x, tensors)
+    if plan is not None and not needs_grad:
+        provider = _cached_provider(plan, backend, x, dtype, precision)
+    else:
+        provider = _provider(backend, x, cin, cout, dtype, precision, needs_grad)
     if provider == "torch":
         if module is not None:
             conv, bn = module.conv, module.bn
@@ -188,14 +247,22 @@ def _dispatch(x, module_or_params, module, padding, cin, cout, dtype, backend, i
 
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"the {provider} path takes float16, bfloat16 or float32, got {dtype}")
-    if module is not None:
+    if plan is not None:
+        params = plan.folded(module, dtype)
+    elif module is not None:
         params = folded(module, dtype)
     elif isinstance(module_or_params, FoldedConv):
         params = module_or_params
     else:
         params = FoldedConv.from_params(*module_or_params, padding, dtype)
-    x = x.to(dtype)
+    if x.dtype != dtype:
+        x = x.to(dtype)
     pad = PADDINGS.index(padding)
+    direct = _direct(x)
     if provider == "cudnn":
-        return _cudnn_op(x, params.weight.to(dtype), params.bias.to(dtype), pad)
-    return _triton_op(x, params.packed.to(dtype), params.bias32, pad, input_precision)
+        weight, bias = params.weight, params.bias
+        if weight.dtype != dtype:  # a FoldedConv made for another dtype
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return (_cudnn if direct else _cudnn_op)(x, weight, bias, pad)
+    packed = params.packed if params.packed.dtype == dtype else params.packed.to(dtype)
+    return (_triton if direct else _triton_op)(x, packed, params.bias32, pad, precision)

@@ -3,8 +3,11 @@
 BatchNorm with running statistics is an affine map per output channel, so it folds into
 the convolution before it: ``w' = w·γ/√(σ²+ε)``, ``b' = (b-μ)·γ/√(σ²+ε) + β``. Batch
 statistics cannot be folded (they depend on the batch being convolved), so training-mode
-BatchNorm never reaches the fast paths. :func:`folded` caches a module's folded, packed
-parameters on the module and refolds when a parameter changes.
+BatchNorm never reaches the fast paths.
+
+:func:`prepared` checks a module once and caches on it what every eval-mode call reuses
+(its padding and shape, its folded, packed parameters per compute dtype, the provider
+chosen per call signature), rebuilt when the module changes: see :class:`Prepared`.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def unpack_weight(packed: torch.Tensor, cin: int, cout: int) -> torch.Tensor:
+    """The inverse of :func:`pack_weight`: a (C_out, C_in, 3, 3, 3) view of ``packed``."""
+    return packed[:, :cout].unflatten(0, (3, 3, 3, cin)).permute(4, 3, 0, 1, 2)
+
+
 @dataclass(frozen=True)
 class FoldedConv:
     """A convolution with BatchNorm folded in, ready for the fast paths.
@@ -132,25 +140,146 @@ def _check_module(module: nn.Module) -> tuple[nn.Conv3d, nn.modules.batchnorm._B
     return conv, bn, pads[key]
 
 
+class Prepared:
+    """What the eval-mode calls of one ConvBNReLU-like module reuse, cached on the module.
+
+    Built by :func:`prepared` after :func:`_check_module`: ``padding``, ``cin``, ``cout``,
+    ``tensors`` (the convolution's and BatchNorm's parameters and running statistics that
+    exist), the folded, packed parameters per compute dtype (:meth:`folded`) and
+    ``providers``, a dict the dispatcher keeps its provider choices in.
+
+    ``stamp`` says what the cache was built from: the two submodules, BatchNorm's mode,
+    ``eps`` and step counter, the convolution's padding and, for each tensor, its identity,
+    data pointer and version counter. An in-place update (an optimizer step,
+    ``load_state_dict``, ``torch.no_grad(): w.mul_(2)``) bumps the version, ``.to()`` /
+    ``.data =`` / a ``swap_tensors`` conversion moves the data, assigning a new parameter or
+    submodule changes an identity, ``train()`` flips the mode: each of these rebuilds the
+    cache at the next call. A training-mode forward updates the running statistics without
+    bumping their version counters (PyTorch's batch-norm kernels write them in place
+    unannounced), but it counts the step in ``num_batches_tracked``, whose version is in
+    the stamp. Reading the stamp goes through the modules' own parameter dicts where the
+    attributes are plain ones (checked here), which keeps a cached call cheap.
+    """
+
+    __slots__ = ("padding", "cin", "cout", "tensors", "providers", "fast", "stamp", "_folded")
+
+    def __init__(self, module: nn.Module):
+        conv, bn, self.padding = _check_module(module)
+        self.cout, self.cin = conv.weight.shape[:2]
+        public = _public_tensors(conv, bn)
+        self.tensors = tuple(t for t in public if t is not None)
+        self.fast = (
+            _plain(module, "_modules", "conv", conv)
+            and _plain(module, "_modules", "bn", bn)
+            and all(t is not None for t in public)
+            # `is`, not `==`: comparing tensors would compare their elements
+            and all(a is b for a, b in zip(_fast_tensors(conv, bn), public, strict=True))
+        )
+        self.providers: dict = {}
+        self._folded: dict[torch.dtype, FoldedConv] = {}
+        # Inference tensors have no version counter: such a module refolds at every call.
+        versioned = not any(t.is_inference() for t in self.tensors)
+        self.stamp = _stamp(module, self.fast) if versioned else None
+
+    def folded(self, module: nn.Module, dtype: torch.dtype) -> FoldedConv:
+        """The folded, packed parameters in ``dtype`` (folded at the first call)."""
+        hit = self._folded.get(dtype)
+        if hit is None:
+            conv, bn = module.conv, module.bn
+            with torch.no_grad():
+                w, b = fold_bn(*_public_tensors(conv, bn), bn.eps)
+                hit = FoldedConv.from_params(w, b, self.padding, dtype)
+            if self.stamp is not None:
+                self._folded[dtype] = hit
+        return hit
+
+
+def _plain(owner, dict_name: str, name: str, value) -> bool:
+    return getattr(owner, dict_name, {}).get(name, _MISSING) is value
+
+
+_MISSING = object()
+
+
+def _public_tensors(conv, bn) -> tuple:
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def _fast_tensors(conv, bn) -> tuple:
+    """:func:`_public_tensors` without ``nn.Module.__getattr__`` (a missing entry: None)."""
+    p, q, r = conv._parameters, bn._parameters, bn._buffers
+    return (
+        p.get("weight"),
+        p.get("bias"),
+        q.get("weight"),
+        q.get("bias"),
+        r.get("running_mean"),
+        r.get("running_var"),
+    )
+
+
+def _stamp(module: nn.Module, fast: bool) -> tuple | None:
+    """See :class:`Prepared`; ``None`` where the module no longer has ``.conv`` / ``.bn``."""
+    if fast:  # all six tensors are plain dict entries: read without nn.Module.__getattr__
+        modules = module._modules
+        conv, bn = modules.get("conv"), modules.get("bn")
+        if conv is None or bn is None:
+            return None
+        p, q, r = conv._parameters, bn._parameters, bn._buffers  # _fast_tensors, inline
+        w, b, g, beta = p.get("weight"), p.get("bias"), q.get("weight"), q.get("bias")
+        mean, var, steps = r.get("running_mean"), r.get("running_var"), r.get("num_batches_tracked")
+        if w is None or b is None or g is None or beta is None or mean is None or var is None:
+            return None
+        return (
+            id(conv), id(bn), bn.training, bn.eps, conv.padding,
+            None if steps is None else steps._version,
+            id(w), w.data_ptr(), w._version,
+            id(b), b.data_ptr(), b._version,
+            id(g), g.data_ptr(), g._version,
+            id(beta), beta.data_ptr(), beta._version,
+            id(mean), mean.data_ptr(), mean._version,
+            id(var), var.data_ptr(), var._version,
+        )  # fmt: skip
+    conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+    if conv is None or bn is None:
+        return None
+    sigs = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in
+                 _public_tensors(conv, bn))  # fmt: skip
+    steps = getattr(bn, "num_batches_tracked", None)
+    steps = None if steps is None else steps._version
+    return (id(conv), id(bn), bn.training, bn.eps, conv.padding, steps, *sigs)
+
+
+_CACHE = "_fastcascade_prepared"
+
+
+def prepared(module: nn.Module) -> Prepared:
+    """The module's :class:`Prepared` cache: reused while its stamp holds, else rebuilt
+    (which checks the module again and raises as :func:`_check_module` does)."""
+    plan = module.__dict__.get(_CACHE)
+    if plan is not None and plan.stamp is not None and plan.stamp == _stamp(module, plan.fast):
+        return plan
+    plan = Prepared(module)
+    # Straight into __dict__: not a parameter, buffer or submodule (and no __setattr__).
+    module.__dict__[_CACHE] = plan
+    return plan
+
+
+def forget(module: nn.Module) -> None:
+    """Drop the module's cache (the next call rebuilds it); for overrides of ``_apply``
+    and the like, where the module knows its tensors are replaced."""
+    module.__dict__.pop(_CACHE, None)
+
+
 def folded(module: nn.Module, dtype: torch.dtype) -> FoldedConv:
     """The module's folded, packed parameters in ``dtype``, cached on the module.
 
-    The cache key holds each parameter's identity, storage and version counter, so an
-    in-place update (an optimizer step, ``load_state_dict``, ``.to()``) refolds.
+    Through :func:`prepared`: an in-place update of a parameter (an optimizer step,
+    ``load_state_dict``), ``.to()`` or a new parameter refolds. While ``torch.compile``
+    traces, the fold is traced into the graph instead.
     """
-    conv, bn, padding = _check_module(module)
-    params = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-    def fold() -> FoldedConv:
-        w, b = fold_bn(*params, bn.eps)
+    if torch.compiler.is_compiling():
+        conv, bn, padding = _check_module(module)
+        w, b = fold_bn(*_public_tensors(conv, bn), bn.eps)
         return FoldedConv.from_params(w, b, padding, dtype)
-
-    if torch.compiler.is_compiling() or any(p is not None and p.is_inference() for p in params):
-        return fold()  # traced into the graph / inference tensors have no version counter
-    key = (dtype, bn.eps, tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None))
-    cache = module.__dict__.setdefault("_fastcascade_folded", {})
-    hit = cache.get(dtype)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = cache[dtype] = (key, fold())
-    return hit[1]
+    return prepared(module).folded(module, dtype)

@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from . import configs
 from .configs import K_FLAT_BELOW, autotuned_config, kernel_config
+from .fallback import TRITON
+from .folding import unpack_weight
 from .reference import PADDINGS
 
 triton, tl = _backend.import_triton()
@@ -163,14 +166,34 @@ def _constexprs(cin: int, padding: str, dtype: torch.dtype, input_precision: str
 
 # -- launcher ---------------------------------------------------------------------------
 def _output_shape(x: torch.Tensor, cout: int, padding: str) -> tuple[int, ...]:
-    shrink = 0 if padding == "same" else 2
-    return (x.shape[0], cout, *(s - shrink for s in x.shape[2:]))
+    n, _, sx, sy, sz = x.shape
+    if padding == "same":
+        return (n, cout, sx, sy, sz)
+    return (n, cout, sx - 2, sy - 2, sz - 2)
 
 
 def _empty_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(
-        shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d
-    )
+    # The strides of torch.channels_last_3d, spelled out: empty_strided is the cheaper call.
+    n, c, x, y, z = shape
+    strides = (x * y * z * c, 1, y * z * c, z * c, c)
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
+
+
+#: (C_in, C_out, dtype, padding, precision) → (the table it was read from, the block
+#: configuration, the kernel's constexprs): read once per layer shape, not per call.
+_TABLE_CONFIGS: dict[tuple, tuple] = {}
+
+
+def _table_config(cin: int, cout: int, dtype, padding: str, input_precision: str):
+    """:func:`~.configs.kernel_config` and :func:`_constexprs` of a layer shape, cached
+    while ``configs.CONFIGS`` is the same object (replacing it re-reads)."""
+    key = (cin, cout, dtype, padding, input_precision)
+    hit = _TABLE_CONFIGS.get(key)
+    if hit is None or hit[0] is not configs.CONFIGS:
+        cfg = kernel_config(cin, cout, dtype)
+        constexprs = _constexprs(cin, padding, dtype, input_precision, cfg)
+        hit = _TABLE_CONFIGS[key] = (configs.CONFIGS, cfg, constexprs)
+    return hit[1], hit[2]
 
 
 def _launch(
@@ -188,16 +211,20 @@ def _launch(
     assert packed.shape[0] == 27 * cin and packed.shape[1] % 16 == 0 and packed.is_contiguous()
     assert packed.dtype == x.dtype and bias.dtype == torch.float32
     assert cin == 1 or x.stride(1) == 1, "the kernel reads channels with stride 1"
-    if cfg is None:
-        if _backend.autotune_enabled() and not _backend.interpreter_on():
-            cfg = autotuned_config(x, packed, bias, padding, input_precision, _launch)
-        else:
-            cfg = kernel_config(cin, cout, x.dtype)
+    if cfg is not None:
+        constexprs = _constexprs(cin, padding, x.dtype, input_precision, cfg)
+    elif _backend.autotune_enabled() and not _backend.interpreter_on():
+        cfg = autotuned_config(x, packed, bias, padding, input_precision, _launch)
+        constexprs = _constexprs(cin, padding, x.dtype, input_precision, cfg)
+    else:
+        cfg, constexprs = _table_config(cin, cout, x.dtype, padding, input_precision)
     y = _empty_channels_last(_output_shape(x, cout, padding), x)
-    m = y.shape[0] * y.shape[2] * y.shape[3] * y.shape[4]
+    n, _, ox, oy, oz = y.shape
+    m = n * ox * oy * oz
     if m == 0:
         return y
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
+    # Plain integer ceil-divisions: triton.cdiv called from Python costs ~10 µs each.
+    grid = ((-(-m // cfg["BLOCK_M"])) * (-(-cout // cfg["BLOCK_N"])),)
     _conv3x3x3_bias_relu_kernel[grid](
         x,
         packed,
@@ -211,11 +238,29 @@ def _launch(
         *y.shape[2:],
         x.stride(0),
         *x.stride()[2:],
-        **_constexprs(cin, padding, x.dtype, input_precision, cfg),
+        **constexprs,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return y
+
+
+def _triton(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, pad: int, input_precision: str
+) -> torch.Tensor:
+    """The body of :func:`_triton_op` (also called directly by eager calls, which skips
+    the custom op's dispatch): the kernel, or conv3d + ReLU with the same folded
+    parameters where it cannot launch this shape (see ``fallback``)."""
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    cout = bias.shape[0]
+    return TRITON.run(
+        x,
+        cout,
+        pad,
+        lambda: _launch(x, packed, bias, PADDINGS[pad], input_precision),
+        lambda: (unpack_weight(packed, x.shape[1], cout), bias.to(x.dtype)),
+    )
 
 
 @torch.library.custom_op("fastcascade::conv3x3x3_bias_relu", mutates_args=())
@@ -224,9 +269,7 @@ def _triton_op(
 ) -> torch.Tensor:
     """relu(conv3d(x, W) + b) through the Triton kernel; W packed by
     :func:`~fastcascade.ops.conv_bn_relu.folding.pack_weight`."""
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    return _launch(x, packed, bias, PADDINGS[pad], input_precision)
+    return _triton(x, packed, bias, pad, input_precision)
 
 
 @_triton_op.register_fake
