@@ -15,8 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .io.nifti import map_labels
-from .presets import CASE_A_TO_CLASSES
+from ..io.nifti import map_labels
+from ..presets import CASE_A_TO_CLASSES
 
 PHANTOM_SEED = 9001  # never used in training the default model
 
@@ -34,11 +34,3 @@ def case_a_reference(seg_path: Path) -> np.ndarray:
     """Case A's labels mapped onto ``CLASS_NAMES`` (on its own grid), uint8."""
     raw = np.asarray(nib.load(str(seg_path)).dataobj)
     return map_labels(raw, CASE_A_TO_CLASSES).astype(np.uint8)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main
-
-    raise SystemExit(main(["demo", *sys.argv[1:]]))
