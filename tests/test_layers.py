@@ -99,7 +99,7 @@ def test_argument_parsing_only_in_the_cli(path):
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
 def test_only_the_cli_and_the_module_runners_import_the_cli(path):
-    runners = {PACKAGE / "__main__.py", PACKAGE / "demo.py"}
+    runners = {PACKAGE / "__main__.py", PACKAGE / "demo" / "__main__.py"}
     if path.is_relative_to(PACKAGE / "cli") or path in runners:
         return
     bad = sorted(m for m in _ours(path) if m.startswith("fastcascade.cli"))

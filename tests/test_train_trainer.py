@@ -287,9 +287,15 @@ def test_stage1_candidates_are_the_dilated_argmax():
     fg = (tile_logits().argmax(0) > 0).numpy() & body
     assert 0.2 < fg[body].mean() < 0.8  # a mixed prediction, or the test proves little
     want = ndimage.binary_dilation(fg, ndimage.generate_binary_structure(3, 1))
-    got = stage1_candidates(model, config)(image, labels)
+    got = stage1_candidates(model, config, inference="tiles")(image, labels)
     np.testing.assert_array_equal(got.numpy(), want)
     assert not model.training
+    # Slabs (the default): a "same" network over the whole volume at once.
+    with torch.no_grad():
+        whole = model(x[None, None])[0]
+    fg = (whole.argmax(0) > 0).numpy() & body
+    want = ndimage.binary_dilation(fg, ndimage.generate_binary_structure(3, 1))
+    np.testing.assert_array_equal(stage1_candidates(model, config)(image, labels).numpy(), want)
 
 
 # -- intensity augmentation, cut borders, the training record ------------------------------

@@ -96,16 +96,20 @@ def ground_truth_candidates(config: CascadeConfig) -> CandidateFn:
 
 
 @torch.no_grad()
-def stage1_candidates(model: nn.Module, config: CascadeConfig, batch_tiles: int = 2) -> CandidateFn:
+def stage1_candidates(
+    model: nn.Module, config: CascadeConfig, batch_tiles: int = 2, inference: str = "slabs"
+) -> CandidateFn:
     """C2 as the paper builds it, and as inference does (``cascade.candidate_region``):
     the trained stage 1 over its body mask C1, argmax, all foreground dilated by r.
+    ``inference``: how stage 1 runs (``InferenceOptions.inference``; slabs, as
+    ``segment()`` does by default).
 
     Runs ``model`` in eval mode on its own device; the region comes back on the CPU.
     """
     from ..cascade import candidate_region
     from ..options import InferenceOptions
 
-    options = InferenceOptions(batch_size=batch_tiles)
+    options = InferenceOptions(batch_size=batch_tiles, inference=inference)
     device = next(model.parameters()).device
 
     def fn(image_hu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
