@@ -246,7 +246,8 @@ class RepaintPlan:
     scales: Mapping[int, float]
 
 
-def _check_names(names) -> dict[int, str]:
+def check_names(names) -> dict[int, str]:
+    """``names`` checked as a dict of int ids >= 0 to structure names (a copy)."""
     if not isinstance(names, Mapping):
         raise TypeError(f"names must be a dict id -> structure name, got {type(names)}")
     out = {}
@@ -287,7 +288,7 @@ def plan_repaint(
     >>> sorted(plan.targets), 100.0 <= plan.targets[1] <= 140.0, plan.scales[1]
     ([1], True, 1.0)
     """
-    names = _check_names(names)
+    names = check_names(names)
     if phase not in PHASE_HU:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     lo_k, hi_k = _check_range(scale_range, "scale_range")

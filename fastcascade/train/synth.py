@@ -156,7 +156,7 @@ from ..ops._checks import three_positive
 from ..ops.morphology import fill_holes_2d
 from ..ops.resample import resample
 from ..ops.warp import affine_coordinates, control_grid_shape, displacement_field, warp
-from .repaint import PHASE_HU, PHASES, enhancement_kind
+from .repaint import PHASE_HU, PHASES, check_names, enhancement_kind
 
 __all__ = [
     "KIND_PRIORS",
@@ -365,17 +365,8 @@ class TissueClass(NamedTuple):
 
 
 def _check_names(names) -> dict[int, str]:
-    if not isinstance(names, Mapping):
-        raise TypeError(f"names must be a dict id -> structure name, got {type(names)}")
-    out = {}
-    for key, value in names.items():
-        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-            raise TypeError(f"names must map int ids >= 0 to names, got key {key!r}")
-        if not isinstance(value, str):
-            raise TypeError(f"names[{key}] must be a str, got {value!r}")
-        if key != 0:  # label 0 is always split as the background
-            out[key] = value
-    return out
+    """``repaint.check_names`` without label 0, which is always split as the background."""
+    return {k: v for k, v in check_names(names).items() if k != 0}
 
 
 def tissue_classes(names: Mapping[int, str], has_hu: bool) -> tuple[TissueClass, ...]:
