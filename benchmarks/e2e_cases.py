@@ -74,22 +74,19 @@ def resample_to_spacing(
     return out, affine @ to_input, shape
 
 
-def _case_a(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ct_path = root / "ct" / "case_a" / "example_ct.nii.gz"
-    seg_path = root / "ct" / "case_a" / "example_seg_fast_force_split.nii.gz"
-    if not (ct_path.exists() and seg_path.exists()):
-        raise FileNotFoundError(f"case A not found under {root} (set FASTCASCADE_DATA)")
-    img = nib.load(str(ct_path))
-    return np.asarray(img.dataobj, dtype=np.float32), img.affine, case_a_reference(seg_path)
+#: Real cases: (folder, CT, labels) under the data folder; both use case A's label ids.
+_REAL = {
+    "case_a": ("case_a", "example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"),
+    "case_e": ("case_e", "ct.nii.gz", "seg.nii.gz"),
+}
 
 
-def _case_e(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Case E: arterial-phase chest and upper abdomen, 512×512×133 at 0.7×0.7×2.5 mm; its
-    labels use case A's ids for our classes."""
-    ct_path = root / "ct" / "case_e" / "ct.nii.gz"
-    seg_path = root / "ct" / "case_e" / "seg.nii.gz"
+def _real_case(root: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A real CT (float32 HU), its affine and its reference on our classes."""
+    folder, ct, seg = _REAL[name]
+    ct_path, seg_path = (root / "ct" / folder / f for f in (ct, seg))
     if not (ct_path.exists() and seg_path.exists()):
-        raise FileNotFoundError(f"case E not found under {root} (set FASTCASCADE_DATA)")
+        raise FileNotFoundError(f"{name} not found under {root} (set FASTCASCADE_DATA)")
     img = nib.load(str(ct_path))
     return np.asarray(img.dataobj, dtype=np.float32), img.affine, case_a_reference(seg_path)
 
@@ -119,7 +116,7 @@ def iter_cases(names: list[str], root: Path, quick: bool, notes: list[str]) -> I
             )
         elif name in ("case_a", "case_a_08mm"):
             try:
-                volume, affine, reference = _case_a(root)
+                volume, affine, reference = _real_case(root, "case_a")
             except FileNotFoundError as err:
                 notes.append(f"{name} skipped: {err}")
                 print(f"skipping {name}: {err}", flush=True)
@@ -147,7 +144,7 @@ def iter_cases(names: list[str], root: Path, quick: bool, notes: list[str]) -> I
             )
         elif name == "case_e":
             try:
-                volume, affine, reference = _case_e(root)
+                volume, affine, reference = _real_case(root, "case_e")
             except FileNotFoundError as err:
                 notes.append(f"{name} skipped: {err}")
                 print(f"skipping {name}: {err}", flush=True)
