@@ -9,6 +9,7 @@ the probabilities when asked for.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ import torch
 from .cascade import segment_scan
 from .config import CascadeConfig
 from .diagnostics import Clock
+from .io.limits import human_bytes, max_memory
 from .io.scan import load_scan
 from .model import UNet3D
 from .model.checkpoint import load_cascade
 from .options import PRECISIONS, InferenceOptions, build_options
+from .passes import forward_memory
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
 
@@ -51,23 +54,38 @@ class SegmentationResult:
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)
     source: Path | None = None
 
-    def save(self, path, probabilities_path=None, probabilities_dtype: str = "float32") -> None:
-        """Write the labels (and probabilities) as NIfTI on the input's grid, atomically,
-        each with a JSON of label names beside it; never onto the input scan."""
-        from .io.nifti import write_labels, write_probabilities
+    def save(
+        self,
+        path,
+        probabilities_path=None,
+        probabilities_dtype: str = "float32",
+        *,
+        marker: Mapping[str, Any] | None = None,
+    ) -> list[Path]:
+        """Write the labels (and probabilities) as NIfTI on the input's grid, each with a
+        JSON of label names beside it; never onto the input scan. Returns the paths.
+
+        All or nothing: every file is written to a temporary first and moved into place
+        only when all are written, the label file last. With ``marker`` (a JSON-able
+        record, e.g. the options used) a completion marker ``seg.done.json`` is written
+        after them (``io.nifti.completion_marker_path``), holding the record and the
+        outputs' names; an old marker is removed before the first file moves (and kept if
+        writing fails, the old files with it), so a marker always describes the files
+        beside it.
+        """
+        from .io.atomic import atomic_write
+        from .io.nifti import (
+            completion_marker_path,
+            labels_outputs,
+            probabilities_outputs,
+            write_outputs,
+        )
 
         if probabilities_path is not None and self.probabilities is None:
             raise ValueError("no probabilities: call segment(..., probabilities=True)")
-        write_labels(
-            path,
-            self.labels,
-            self.affine,
-            self.class_names,
-            header=self.header,
-            input_path=self.source,
-        )
+        outputs, protect = [], []
         if probabilities_path is not None:
-            write_probabilities(
+            outputs, protect = probabilities_outputs(
                 probabilities_path,
                 self.probabilities,
                 self.affine,
@@ -76,6 +94,31 @@ class SegmentationResult:
                 class_names=self.class_names,
                 input_path=self.source,
             )
+        label_files, protect = labels_outputs(
+            path,
+            self.labels,
+            self.affine,
+            self.class_names,
+            header=self.header,
+            input_path=self.source,
+        )
+        outputs += label_files  # the label file last
+        paths = [p for p, _ in outputs]
+        if len(set(map(str, paths))) != len(paths):
+            raise ValueError(f"two outputs would share one file name: {[str(p) for p in paths]}")
+        record = None
+        if marker is not None:
+            record = json.dumps(
+                {**dict(marker), "outputs": [p.name for p in paths]}, indent=1, sort_keys=True
+            )
+            done = completion_marker_path(path)
+        # the old marker goes once the new files are written, before they move into place
+        unmark = None if record is None else lambda: done.unlink(missing_ok=True)
+        write_outputs(outputs, protect, before_move=unmark)
+        if record is not None:
+            atomic_write(done, lambda tmp: Path(tmp).write_text(record + "\n"))
+            paths.append(done)
+        return paths
 
 
 def resolve_device(device: str | torch.device, volume=None) -> torch.device:
@@ -122,6 +165,7 @@ class Predictor:
         compile: bool = False,
         options: InferenceOptions | None = None,
     ):
+        check_tile_memory(config)
         base = InferenceOptions() if options is None else options
         self.options = base.replace(precision=precision, compile=compile)
         self.config = config
@@ -179,7 +223,7 @@ class Predictor:
         """
         t0 = time.perf_counter()
         options = build_options(options, overrides, self.options)
-        scan = load_scan(volume, spacing=spacing, affine=affine)
+        scan = load_scan(volume, spacing=spacing, affine=affine, hu_check=options.hu_check)
         keep_tensor = isinstance(volume, torch.Tensor)
         if keep_tensor and scan.data.device != self.device:
             self.to(scan.data.device)  # a tensor input decides the device
@@ -207,6 +251,23 @@ class Predictor:
             tiles=out.tiles,
             source=scan.path,
         )
+
+
+def check_tile_memory(config: CascadeConfig) -> None:
+    """Refuse a model one of whose tiles would need more memory than one pass may use
+    (``FASTCASCADE_MAX_MEMORY``, default the machine's memory), naming the stage."""
+    limit = max_memory()
+    if limit is None:
+        return
+    for name in ("stage1", "stage2"):
+        stage = getattr(config, name)
+        peak, _ = forward_memory(stage.architecture, stage.tile)
+        if peak > limit:
+            raise ValueError(
+                f"model config {name}: one {'×'.join(map(str, stage.tile))} tile of its "
+                f"network needs about {human_bytes(peak)} of activations; the limit is "
+                f"{human_bytes(limit)} (FASTCASCADE_MAX_MEMORY)"
+            )
 
 
 def load_model(

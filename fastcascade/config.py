@@ -42,6 +42,19 @@ AIR_HU = -1024.0
 
 PADDINGS = ("valid", "same")
 
+#: Upper bounds of a config's numbers, far beyond any sensible model, so that a corrupt or
+#: hostile config is refused by name when it is read instead of exhausting memory later.
+LIMITS: dict[str, Any] = {
+    "in_channels": 16,
+    "num_classes": 1024,
+    "base_channels": 512,
+    "levels": 8,
+    "tile": 1024,  # voxels per axis
+    "radius": 64,  # voxels
+    "spacing": (0.01, 50.0),  # mm
+    "hu": 100_000.0,  # |HU| of windows and the body threshold
+}
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -67,7 +80,8 @@ class Architecture:
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "num_classes", "base_channels", "levels"):
-            _set(self, name, _int(getattr(self, name), f"Architecture.{name}", minimum=1))
+            value = _int(getattr(self, name), f"Architecture.{name}", minimum=1)
+            _set(self, name, _at_most(value, f"Architecture.{name}", LIMITS[name]))
         if self.padding not in PADDINGS:
             raise ValueError(
                 f"Architecture.padding must be 'valid' or 'same', got {self.padding!r}"
@@ -91,12 +105,17 @@ class StageConfig:
         lo, hi = _reals(self.window, "StageConfig.window", 2, "two HU values (lo, hi)")
         if not lo < hi:
             raise ValueError(f"StageConfig.window must have lo < hi (HU), got {(lo, hi)}")
+        if not (-LIMITS["hu"] <= lo and hi <= LIMITS["hu"]):
+            raise ValueError(
+                f"StageConfig.window must lie within ±{LIMITS['hu']:g} HU, got {(lo, hi)}"
+            )
         _set(self, "window", (lo, hi))
         if isinstance(self.tile, str) or not isinstance(self.tile, Sequence):
             raise TypeError(f"StageConfig.tile must be 3 integers (x, y, z), got {self.tile!r}")
         if len(self.tile) != 3:
             raise ValueError(f"StageConfig.tile must be 3 integers (x, y, z), got {self.tile!r}")
-        _set(self, "tile", tuple(_int(t, "StageConfig.tile", minimum=1) for t in self.tile))
+        tile = tuple(_int(t, "StageConfig.tile", minimum=1) for t in self.tile)
+        _set(self, "tile", tuple(_at_most(t, "StageConfig.tile", LIMITS["tile"]) for t in tile))
         if not isinstance(self.architecture, Architecture):
             raise TypeError(
                 "StageConfig.architecture must be an Architecture, got "
@@ -154,11 +173,20 @@ class CascadeConfig:
             raise ValueError(f"CascadeConfig.class_names must be unique; repeated: {twice}")
         _set(self, "class_names", tuple(names))
         spacing = _reals(self.spacing, "CascadeConfig.spacing", 3, "3 voxel sizes in mm")
-        if not all(s > 0 for s in spacing):
-            raise ValueError(f"CascadeConfig.spacing must be positive (mm), got {spacing}")
+        lo, hi = LIMITS["spacing"]
+        if not all(lo <= s <= hi for s in spacing):
+            raise ValueError(
+                f"CascadeConfig.spacing must lie in [{lo:g}, {hi:g}] mm, got {spacing}"
+            )
         _set(self, "spacing", spacing)
-        _set(self, "radius", _int(self.radius, "CascadeConfig.radius", minimum=0))
+        radius = _int(self.radius, "CascadeConfig.radius", minimum=0)
+        _set(self, "radius", _at_most(radius, "CascadeConfig.radius", LIMITS["radius"]))
         (threshold,) = _reals((self.body_threshold,), "CascadeConfig.body_threshold", 1, "HU")
+        if abs(threshold) > LIMITS["hu"]:
+            raise ValueError(
+                f"CascadeConfig.body_threshold must lie within ±{LIMITS['hu']:g} HU, "
+                f"got {threshold:g}"
+            )
         _set(self, "body_threshold", threshold)
         for name in ("stage1", "stage2"):
             stage = getattr(self, name)
@@ -240,6 +268,12 @@ def _int(value: object, what: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _at_most(value: int, what: str, maximum: int) -> int:
+    if value > maximum:
+        raise ValueError(f"{what} must be at most {maximum}, got {value!r}")
+    return value
 
 
 def _reals(value: object, what: str, count: int, expected: str) -> tuple[float, ...]:

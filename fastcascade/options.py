@@ -32,6 +32,7 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 }
 WEIGHTS = ("constant", "gaussian")
 INFERENCE = ("tiles", "slabs")
+HU_CHECKS = ("warn", "error", "off")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class InferenceOptions:
       phase-aligned, the 4x overlap as four pooling-phase passes, or ``"tiles"`` of the
       model's trained input size (the original's way). ``batch_size`` and
       ``overlap_step`` apply to tiles only.
+    - ``hu_check``: what to do with a scan whose intensities do not look like HU (no air,
+      no soft tissue, or values beyond any CT's range; ``io.scan.check_hu``): ``"warn"``
+      (the default), ``"error"`` (refuse it with a ``ValueError``) or ``"off"``.
     """
 
     overlap: bool = True
@@ -75,6 +79,7 @@ class InferenceOptions:
     precision: str = "auto"
     compile: bool = False
     inference: str = "slabs"
+    hu_check: str = "warn"
 
     def __post_init__(self):
         object.__setattr__(self, "overlap_step", tuple(float(s) for s in self.overlap_step))
@@ -100,6 +105,8 @@ class InferenceOptions:
                 f"body_mask_backend must be one of {BODY_MASK_BACKENDS}, "
                 f"got {self.body_mask_backend!r}"
             )
+        if self.hu_check not in HU_CHECKS:
+            raise ValueError(f"hu_check must be one of {HU_CHECKS}, got {self.hu_check!r}")
         if self.inference not in INFERENCE:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
         if self.precision != "auto" and self.precision not in PRECISIONS:

@@ -216,14 +216,26 @@ def test_segment_bugs_are_not_hidden(ct_file, tmp_path, monkeypatch):
         cli.main(["segment", str(ct_file), "-o", str(tmp_path / "s.nii.gz")])
 
 
-def test_segment_missing_input_and_output_folder(fake, tmp_path, ct_file, capsys):
+def test_segment_missing_input_and_bad_output_name(fake, tmp_path, ct_file, capsys):
     assert cli.main(["segment", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "s.nii")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["segment", str(ct_file), "-o", str(tmp_path / "no" / "s.nii")]) == 2
-    assert "output folder" in capsys.readouterr().err
     assert cli.main(["segment", str(ct_file), "-o", str(tmp_path / "s.png")]) == 2
     assert ".nii" in capsys.readouterr().err
     assert fake.calls == []
+
+
+def test_segment_creates_missing_output_folders(fake, tmp_path, ct_file, capsys):
+    out = tmp_path / "new" / "deeper" / "s.nii"
+    assert cli.main(["segment", str(ct_file), "-o", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["s.done.json", "s.json", "s.nii"]
+
+
+def test_segment_failure_removes_the_folders_it_created(tmp_path, ct_file, monkeypatch, capsys):
+    monkeypatch.setattr(fastcascade, "segment", FakeSegment(ValueError("bad scan")), raising=False)
+    out = tmp_path / "new" / "deeper" / "s.nii"
+    assert cli.main(["segment", str(ct_file), "-o", str(out), "--quiet"]) == 2
+    assert "bad scan" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
 
 
 def test_segment_failed_write_keeps_the_old_output(ct_file, fake, tmp_path, monkeypatch, capsys):
@@ -237,7 +249,7 @@ def test_segment_failed_write_keeps_the_old_output(ct_file, fake, tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(nifti.nib, "save", broken_save)
-    assert cli.main(["segment", str(ct_file), "-o", str(out), "--quiet"]) == 1
+    assert cli.main(["segment", str(ct_file), "-o", str(out), "--quiet", "--overwrite"]) == 1
     assert "No space left" in capsys.readouterr().err
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old

@@ -743,10 +743,10 @@ def test_a_shifted_prediction_is_refused_or_resampled_on_request(tmp_path, capsy
     assert "origin (100, 0, 0) mm" in err and "origin (0, 0, 0) mm" in err and "--resample" in err
 
     status, out, err = _run(
-        capsys, "--csv", tmp_path / "near.csv", "--resample", "--out", tmp_path / "near.json"
+        capsys, "--csv", tmp_path / "near.csv", "--resample", "--out", tmp_path / "report.json"
     )
     assert status == 0, err
-    got = json.loads((tmp_path / "near.json").read_text())["cases"][0]
+    got = json.loads((tmp_path / "report.json").read_text())["cases"][0]
     assert got["alignment"] == {"prediction": "resampled"}
     # resampled onto the reference: x = 0 lies outside the copy (background), the rest
     # is the reference's own; liver (x = 0, 6 voxels) is lost, spleen (x = 3) exact

@@ -221,8 +221,9 @@ def test_load_state_any_safetensors(tmp_path):
 def test_load_state_any_refuses_code(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"x": _Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="evil.pt: cannot read it") as info:
         load_state_any(path)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert "executed" not in capsys.readouterr().out
 
 

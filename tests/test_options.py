@@ -77,6 +77,7 @@ def test_every_option_reaches_the_cascade_unchanged(monkeypatch):
         "precision": "fp32",
         "compile": False,
         "inference": "tiles",
+        "hu_check": "error",
     }
     assert sorted(chosen) == sorted(option_names())  # a new option must be added here
     result = fastcascade.segment(ct, spacing=(6.0, 6.0, 6.0), model=predictor, **chosen)

@@ -10,8 +10,10 @@ call the library. Heavy modules (torch, the cascade) are imported inside the com
 functions, so building the parser stays cheap.
 
 User errors (``ValueError``, ``TypeError``, missing files, permissions) end with one line
-on stderr and exit status 2, without a traceback; other I/O errors (a full disk) end the
-same way with status 1. Anything else is a bug and keeps its traceback.
+on stderr and exit status 2, without a traceback; other I/O errors (a full disk) and
+running out of memory (on the CPU or a GPU) end the same way with status 1. Anything else
+is a bug and keeps its traceback; ``fastcascade --debug COMMAND`` shows the traceback of
+every error.
 
     $ fastcascade segment ct.nii.gz -o seg.nii.gz
     $ fastcascade phantom -o ct.nii.gz --labels seg.nii.gz --seed 1
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import demo, env, evaluate, phantom, segment, train
@@ -33,6 +36,7 @@ COMMAND_MODULES = (segment, env, phantom, train, evaluate, demo)
 
 _USER_ERRORS = (
     ValueError,
+    FileExistsError,
     TypeError,
     FileNotFoundError,
     IsADirectoryError,
@@ -49,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
@@ -57,28 +62,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastcascade: interrupted", file=sys.stderr)
         return 130
-    except _USER_ERRORS as e:
-        print(f"fastcascade {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, I/O errors: the environment, not the input
-        print(f"fastcascade {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except MemoryError as e:
-        print(f"fastcascade {args.command}: out of memory ({e})", file=sys.stderr)
-        return 1
     except Exception as e:
-        import torch
-
-        if isinstance(e, torch.OutOfMemoryError):
-            # segment already fell back to single tiles and slabs before this reached here
-            hint = "--device cpu" if args.command == "segment" else "--batch-size 1 or --device cpu"
-            print(
-                f"fastcascade {args.command}: out of GPU memory; try {hint}",
-                file=sys.stderr,
-            )
-            return 1
-        raise
+        status, line = _known_error(e, args.command)
+        if status is None or args.debug:
+            raise
+        print(f"fastcascade {args.command}: {line}", file=sys.stderr)
+        return status
     return 0 if status is None else int(status)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings of the library as one line each, without the source line."""
+    if issubclass(category, UserWarning) and category is not DeprecationWarning:
+        return f"fastcascade: warning: {message}\n"
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
+def _known_error(e: Exception, command: str) -> tuple[int | None, str]:
+    """``(exit status, one line)`` for an error of the input or the environment, or
+    ``(None, "")`` for anything else (a bug: its traceback is shown)."""
+    if isinstance(e, _USER_ERRORS):
+        return 2, f"error: {e}"
+    if isinstance(e, OSError):  # disk full, I/O errors: the environment, not the input
+        return 1, f"error: {e}"
+    if isinstance(e, MemoryError) or _cpu_out_of_memory(e):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "MemoryError"
+        return 1, (
+            f"out of memory ({first}); try a machine with more memory, or a smaller job "
+            "(no --probabilities, --fp16-probabilities)"
+        )
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        # segment already fell back to single tiles and slabs before this reached here
+        hint = "--device cpu" if command == "segment" else "--batch-size 1 or --device cpu"
+        return 1, f"out of GPU memory; try {hint}"
+    return None, ""
+
+
+def _cpu_out_of_memory(e: Exception) -> bool:
+    """PyTorch's CPU allocator reports a failed allocation as a plain ``RuntimeError``."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in text
+        or "DefaultCPUAllocator: not enough memory" in text
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cascaded 3D U-Net segmentation of abdominal CT (Roth et al. 2018).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {env.package_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)

@@ -78,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --model: tiles per network call (default: the model's)",
     )
     p.add_argument("--no-plot", action="store_true", default=None, help="with --model: no PNG")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing report (without it, an existing report stops the command "
+        "before any work)",
+    )
     p.set_defaults(func=_cmd_evaluate, parser=p)
 
 
@@ -100,6 +106,8 @@ def _evaluate_files(args: argparse.Namespace, label_map) -> int:
 
     if args.out is not None and args.out.is_dir():
         raise IsADirectoryError(f"--out {args.out} is a folder; expected a JSON file name")
+    if args.out is not None:
+        _refuse_existing(args, [args.out])
     report = evaluate_cases(read_cases(args.csv), label_map, args.radii, resample=args.resample)
     print(report_markdown(report))
     if args.out is not None:
@@ -112,9 +120,12 @@ def _evaluate_files(args: argparse.Namespace, label_map) -> int:
 def _evaluate_model(args: argparse.Namespace, label_map) -> int:
     from ..api import load_model
     from ..evaluate import evaluate_model, read_scan_cases, report_markdown, write_report
+    from ..evaluate.report import REPORT_FILES
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; expected a folder for the report")
+    if args.out is not None:
+        _refuse_existing(args, [args.out / name for name in REPORT_FILES])
     plot = not args.no_plot
     if plot and args.out is not None:
         try:
@@ -150,3 +161,11 @@ def _evaluate_model(args: argparse.Namespace, label_map) -> int:
         paths = write_report(args.out, report, plot=plot)
         print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _refuse_existing(args: argparse.Namespace, paths) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
+        )

@@ -30,20 +30,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--spacing", type=arguments.positive_float, nargs=3, metavar=("SX", "SY", "SZ"), help="mm"
     )
     p.add_argument("--contrast", choices=("none", "portal_venous"), default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=_cmd_phantom)
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
+    from ..io.atomic import output_folders, same_file
+    from ..io.nifti import label_names_path
+
+    outputs = [args.output, args.labels, label_names_path(args.labels)]
+    label_names_path(args.output)  # checks both suffixes before the work
+    if same_file(args.output, args.labels):
+        raise ValueError("-o and --labels name the same file")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
+        )
+    with output_folders({p.parent for p in outputs}):
+        return _write_phantom(args)
+
+
+def _write_phantom(args: argparse.Namespace) -> int:
+    import nibabel as nib
     import numpy as np
 
     from ..config import CLASS_NAMES
-    from ..io.atomic import same_file
-    from ..io.nifti import label_names_path, save_nifti, write_labels
+    from ..io.nifti import labels_outputs, write_outputs
 
-    label_names_path(args.output)  # checks both suffixes before the work
-    label_names_path(args.labels)
-    if same_file(args.output, args.labels):
-        raise ValueError("-o and --labels name the same file")
     phantom = importlib.import_module("fastcascade.phantom")  # at call time: tests replace it
     # Only what was given: the generator's own defaults apply to the rest.
     given = {"shape": args.shape, "spacing": args.spacing, "seed": args.seed}
@@ -51,8 +65,11 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     ph = phantom.make_phantom(**kwargs)
     ct_img, seg_img = ph.to_nifti()
-    save_nifti(ct_img, args.output)
     labels = np.asarray(seg_img.dataobj)  # uint8 class ids
-    write_labels(args.labels, labels, seg_img.affine, CLASS_NAMES, header=seg_img.header)
+    outputs, _ = labels_outputs(
+        args.labels, labels, seg_img.affine, CLASS_NAMES, header=seg_img.header
+    )
+    # all three files or none: the CT first, the labels last
+    write_outputs([(args.output, lambda tmp: nib.save(ct_img, tmp)), *outputs])
     print(f"wrote {args.output}, {args.labels}")
     return 0

@@ -46,55 +46,102 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=arguments.positive_int, default=2, help="tiles per batch (default: 2)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (without it, an existing output stops the command "
+        "before any work)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a scan whose intensities do not look like HU instead of warning",
+    )
     p.set_defaults(func=_cmd_segment, parser=p)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     import fastcascade  # segment() looked up at call time (tests replace it)
 
-    from ..io.atomic import same_file
-    from ..io.nifti import label_names_path
+    from ..io.atomic import output_folders, same_file
+    from ..io.nifti import completion_marker_path, label_names_path
 
     if args.fp16_probabilities and args.probabilities is None:
         args.parser.error("--fp16-probabilities needs --probabilities FILE")
     source: Path = args.input
     if not source.exists():
+        if source.is_symlink():
+            raise FileNotFoundError(
+                f"input scan {source} is a symbolic link to nothing (broken or a loop)"
+            )
         raise FileNotFoundError(f"input scan {source} does not exist")
     outputs = [args.output, label_names_path(args.output)]
     if args.probabilities is not None:
         outputs += [args.probabilities, label_names_path(args.probabilities)]
         if same_file(args.probabilities, args.output):
             raise ValueError("--probabilities and --output name the same file")
+    outputs.append(completion_marker_path(args.output))
     for out in outputs:  # checked before the work, and again by the writers
         if same_file(out, source):
             raise ValueError(f"refusing to write {out}: it is the input scan")
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"output folder {out.parent} does not exist")
-
-    progress = _TileProgress(disable=args.quiet)
-    try:
-        result = fastcascade.segment(
-            str(source),
-            model=args.model,
-            device=args.device,
-            overlap=not args.no_overlap,
-            probabilities=args.probabilities is not None,
-            batch_size=args.batch_size,
-            progress=progress,
+        if out.is_dir():
+            raise IsADirectoryError(f"{out} is a folder; expected a file name")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
         )
-    finally:
-        progress.close()
 
-    t0 = time.perf_counter()
-    result.save(
-        args.output,
-        args.probabilities,
-        "float16" if args.fp16_probabilities else "float32",
+    options = dict(
+        overlap=not args.no_overlap,
+        probabilities=args.probabilities is not None,
+        batch_size=args.batch_size,
+        hu_check="error" if args.strict else "warn",
     )
+    with output_folders({p.parent for p in outputs}):
+        progress = _TileProgress(disable=args.quiet)
+        try:
+            result = fastcascade.segment(
+                str(source),
+                model=args.model,
+                device=args.device,
+                progress=progress,
+                **options,
+            )
+        finally:
+            progress.close()
+
+        t0 = time.perf_counter()
+        written = result.save(
+            args.output,
+            args.probabilities,
+            "float16" if args.fp16_probabilities else "float32",
+            marker=_marker(args, source, options),
+        )
     if not args.quiet:
         timings = {**result.timings, "write": time.perf_counter() - t0}
-        print(_summary(result, timings, outputs))
+        print(_summary(result, timings, written))
     return 0
+
+
+def _marker(args: argparse.Namespace, source: Path, options: dict) -> dict:
+    """What the completion marker records: the input file as it was read, the model, the
+    options and the package's version; a re-run with the same record has nothing to do."""
+    from .env import package_version
+
+    stat = source.stat()
+    return {
+        "format": "fastcascade-segment",
+        "version": package_version(),
+        "input": {
+            "path": str(source.resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        },
+        "model": "default" if args.model is None else str(Path(args.model).resolve()),
+        "options": {**options, "fp16_probabilities": args.fp16_probabilities},
+        "device": args.device,
+    }
 
 
 class _TileProgress:

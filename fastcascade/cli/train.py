@@ -22,6 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..io.atomic import output_folders
 from ..presets import default_config
 from . import arguments
 
@@ -110,8 +111,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="no intensity augmentation (window level/width, gamma, noise)",
     )
     run.add_argument("--resume", action="store_true", help="continue from the checkpoints")
-    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out folder that holds a run (without it, or --resume, an "
+        "existing run stops the command before any work)",
+    )
+    run.add_argument(
+        "--device",
+        default="cpu",
+        type=arguments.device,
+        help="cpu, cuda, cuda:N or auto (a GPU if present) (default: cpu)",
+    )
+    run.add_argument(
+        "--threads", type=arguments.positive_int, default=None, help="torch.set_num_threads"
+    )
     run.add_argument("--quiet", action="store_true", help="no per-iteration lines")
     run.add_argument("--progress", action="store_true", help="a tqdm progress bar")
 
@@ -180,6 +194,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--classes", required=True, help="new class names, comma-separated, or a JSON list file"
     )
+    f.add_argument(
+        "--new-classes",
+        default=None,
+        help="the names in --classes that the model does not have yet (required for each: "
+        "an unknown name is otherwise refused as a likely typo)",
+    )
     f.add_argument("--out", required=True, type=Path, help="output folder")
     f.add_argument("--iterations", type=int, default=500, help="per stage")
     f.add_argument("--lr", type=float, default=1e-3, help="learning rate before scaling")
@@ -191,9 +211,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _setup(args) -> None:
     import torch
 
+    from ..api import resolve_device
+
+    args.device = str(resolve_device(args.device))  # a GPU asked for must be there
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if args.out.exists() and not args.out.is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; expected a folder")
+    held = sorted(p.name for p in _run_files(args.out))
+    if held and not (args.resume or args.overwrite):
+        raise FileExistsError(
+            f"--out {args.out} holds a run ({', '.join(held)}); pass --resume to continue "
+            "it or --overwrite to start over"
+        )
+
+
+def _run_files(out: Path) -> list[Path]:
+    """The files of a run in ``out``: checkpoints and the written model."""
+    names = ("stage1.ckpt", "stage2.ckpt", "model.safetensors", "model.json")
+    return [out / n for n in names if (out / n).exists()]
 
 
 def _run_options(args: argparse.Namespace) -> dict:
@@ -213,6 +251,12 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _setup(args)
+    with output_folders([args.out]):  # a run that fails before writing leaves no folder
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..model.checkpoint import save_cascade
@@ -223,7 +267,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         training_record,
     )
 
-    _setup(args)
     config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
     common = dict(lr=args.lr, **_run_options(args))
     # One source for both stages: the cases are read once, the mix drawn on from where
@@ -257,17 +300,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..model.checkpoint import load_config
-    from ..train.finetune import finetune
 
     _setup(args)
     if args.csv is None:
         raise ValueError("finetune needs --csv with the new classes' training data")
-    classes = args.classes
-    if Path(classes).exists():
-        names = json.loads(Path(classes).read_text())
-    else:
-        names = [c.strip() for c in classes.split(",") if c.strip()]
-    spacing = load_config(args.model).spacing
+    names = _names_list(args.classes, "--classes")
+    declared = _names_list(args.new_classes, "--new-classes") if args.new_classes else []
+    old = load_config(args.model).class_names
+    new = [n for n in names if n not in old]
+    undeclared = [n for n in new if n not in declared]
+    if undeclared:
+        raise ValueError(
+            f"--classes names {undeclared}, which the model {args.model} does not have "
+            f"(its classes: {', '.join(old)}); declare new classes with --new-classes "
+            f"{','.join(undeclared)}, or correct a misspelt name"
+        )
+    stray = [n for n in declared if n not in names or n in old]
+    if stray:
+        raise ValueError(
+            f"--new-classes names {stray}, which are not new classes of --classes "
+            "(each must be in --classes and not already a class of the model)"
+        )
+    with output_folders([args.out]):
+        return _finetune(args, names, load_config(args.model).spacing)
+
+
+def _finetune(args: argparse.Namespace, names: list[str], spacing) -> int:
+    from ..train.finetune import finetune
+
     finetune(
         args.model,
         names,
@@ -280,3 +340,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out / 'model.safetensors'} and {args.out / 'model.json'}")
     return 0
+
+
+def _names_list(text: str, option: str) -> list[str]:
+    """Comma-separated names, or a JSON list file of them."""
+    if Path(text).is_file():
+        try:
+            names = json.loads(Path(text).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{option} {text}: not a JSON list of class names ({e})") from e
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{option} {text}: expected a JSON list of class names")
+        return names
+    return [c.strip() for c in text.split(",") if c.strip()]

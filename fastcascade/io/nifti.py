@@ -18,11 +18,13 @@ canonical RAS view is ``io/scan.py``'s business.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import struct
+import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from .atomic import atomic_outputs
+from .limits import check_claim
 
 PathLike = str | os.PathLike
 
@@ -41,6 +44,9 @@ PathLike = str | os.PathLike
 _READ_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError)
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+#: A file to write: its destination and a function that writes it to a given path.
+Output = tuple[Path, Callable[[Path], None]]
 
 #: Probabilities stored as 16 bits: uint16 with this slope (NIfTI has no float16 type).
 PROB16_SLOPE = 1.0 / 65535.0
@@ -55,7 +61,11 @@ def load_nifti(path: PathLike) -> nib.Nifti1Image:
     Checks that the file exists, is not empty, is NIfTI-1 or NIfTI-2, and that the raw
     ``pixdim[1:4]`` (voxel size in mm) are positive and finite: nibabel quietly reads a
     zero there as 1 mm and a negative one as its absolute value, which would give a scan
-    a voxel size nobody wrote. Voxel data are not read here (see ``read_voxels``).
+    a voxel size nobody wrote. The size the header claims is checked before anything is
+    allocated: against ``io/limits.py``'s voxel and memory limits, and against the file
+    (an uncompressed file must hold the claimed bytes; a gzip stream is read, without
+    keeping it, up to the claimed size when its trailer disagrees). Voxel data are not
+    read here (see ``read_voxels``).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
     everything else.
@@ -78,6 +88,7 @@ def load_nifti(path: PathLike) -> nib.Nifti1Image:
             f"{path}: the header's voxel size pixdim[1:4] is {pixdim}; expected positive "
             "finite values in mm (nibabel would silently replace zero or negative ones)"
         )
+    _check_size(path, raw)
     try:
         img = nib.load(path)
     except _READ_ERRORS as e:
@@ -85,6 +96,65 @@ def load_nifti(path: PathLike) -> nib.Nifti1Image:
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise ValueError(f"{path}: is a {type(img).__name__}; expected a .nii or .nii.gz file")
     return img
+
+
+def _check_size(path: Path, raw: nib.Nifti1Header) -> None:
+    """The header's claimed data size against the limits and the file (see ``load_nifti``)."""
+    ndim = int(raw["dim"][0])
+    if not 1 <= ndim <= 7:
+        raise ValueError(f"{path}: the header's dim[0] is {ndim}; expected 1 to 7 axes")
+    shape = [int(d) for d in raw["dim"][1 : ndim + 1]]
+    if min(shape) < 1:
+        raise ValueError(f"{path}: the header claims shape {tuple(shape)}; axes need >= 1 voxel")
+    try:
+        itemsize = np.dtype(raw.get_data_dtype()).itemsize
+    except (HeaderDataError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: the header's datatype is not one NIfTI defines ({e})") from e
+    # read as stored, then converted to float32 for the scan
+    check_claim(str(path), shape, itemsize, per_voxel=itemsize + 4)
+    voxels = int(np.prod(shape, dtype=np.int64))
+    needed = int(raw["vox_offset"]) + voxels * itemsize
+    if path.name.endswith(".gz"):
+        stored = _gzip_size(path, needed)
+        what = "the gzip stream holds"
+    else:
+        stored = path.stat().st_size
+        what = "the file has"
+    if stored < needed:
+        raise ValueError(
+            f"{path}: the header claims {'×'.join(map(str, shape))} voxels of "
+            f"{itemsize} bytes ({needed:,} bytes with the header), but {what} {stored:,}; "
+            "the file is truncated or its header is wrong"
+        )
+
+
+def _gzip_size(path: Path, needed: int, chunk: int = 1 << 20) -> int:
+    """Uncompressed bytes of a gzip file, counted up to ``needed`` at most.
+
+    The trailer's ISIZE (the size modulo 2³²) settles a single-member file at once when
+    it agrees; otherwise the stream is decompressed in bounded chunks, nothing kept, and
+    counting stops at ``needed``, so a gzip bomb costs no memory.
+    """
+    size = path.stat().st_size
+    if size >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            (isize,) = struct.unpack("<I", f.read(4))
+        if isize == needed % 2**32 and needed < 2**32:
+            return needed
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while total < needed:
+                data = f.read(min(chunk, needed - total))
+                if not data:
+                    break
+                total += len(data)
+    except EOFError:  # the stream ends inside a member: truncated, counted so far
+        pass
+    except (OSError, zlib.error) as e:
+        raise ValueError(f"{path}: the gzip stream is corrupt ({e})") from e
+    return total
 
 
 def _read_raw_header(path: Path) -> nib.Nifti1Header:
@@ -120,7 +190,10 @@ def read_voxels(img: nib.spatialimages.SpatialImage, source: Any = "image") -> n
     dtype('float32')
     """
     try:
-        return np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
+        # values beyond float32's range become inf here, which the scan's check names
+        with np.errstate(over="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+            return np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
     except _READ_ERRORS as e:
         raise ValueError(
             f"{source}: cannot read the voxel data ({e}); the file is truncated or corrupt"
@@ -215,6 +288,16 @@ def label_names_path(path: PathLike) -> Path:
     raise ValueError(f"{path}: expected a file name ending in .nii or .nii.gz")
 
 
+def completion_marker_path(path: PathLike) -> Path:
+    """The completion marker beside label file ``path``: ``seg.nii.gz`` → ``seg.done.json``.
+
+    >>> completion_marker_path("out/seg.nii.gz")
+    PosixPath('out/seg.done.json')
+    """
+    names = label_names_path(path)
+    return names.with_name(names.name[: -len(".json")] + ".done.json")
+
+
 def read_label_names(path: PathLike) -> tuple[str, ...] | None:
     """Class names from the JSON beside label file ``path``; ``None`` if there is none."""
     names_path = label_names_path(path)
@@ -264,6 +347,40 @@ def write_labels(
     >>> write_labels("seg.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4), CLASS_NAMES)
     ... # doctest: +SKIP
     """
+    outputs, protect = labels_outputs(
+        path, labels, affine, class_names, header, input_shape=input_shape, input_path=input_path
+    )
+    write_outputs(outputs, protect)
+
+
+def write_outputs(
+    outputs: Sequence[Output],
+    protect: Sequence[PathLike] = (),
+    before_move: Callable[[], None] | None = None,
+) -> None:
+    """Write every output to a temporary file, then move them into place in order (see
+    ``atomic.atomic_outputs``): all or, on any error, none of them, and never onto a path
+    of ``protect``. ``before_move`` runs once every temporary is written, just before the
+    first is moved (e.g. to remove a completion marker that is about to go stale)."""
+    with atomic_outputs([p for p, _ in outputs], protect) as tmps:
+        for (_, write), tmp in zip(outputs, tmps, strict=True):
+            write(tmp)
+        if before_move is not None:
+            before_move()
+
+
+def labels_outputs(
+    path: PathLike,
+    labels: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    class_names: Sequence[str],
+    header: nib.Nifti1Header | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    input_path: PathLike | None = None,
+) -> tuple[list[Output], list[Path]]:
+    """What ``write_labels`` writes, checked and prepared but not yet written: the names
+    JSON, then the label file, and the paths they must not overwrite."""
     affine, header, protect = _geometry(affine, header, input_path)
     class_names = tuple(str(n) for n in class_names)
     if not class_names:
@@ -286,10 +403,11 @@ def write_labels(
     img.header.set_intent("label")
     img.header["cal_min"], img.header["cal_max"] = 0, len(class_names) - 1
     names = json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=1) + "\n"
-    json_path = label_names_path(path)
-    with atomic_outputs([Path(path), json_path], protect) as (tmp, tmp_json):
-        nib.save(img, tmp)
-        tmp_json.write_text(names)
+    outputs = [
+        (label_names_path(path), lambda tmp: Path(tmp).write_text(names)),
+        (Path(path), lambda tmp: nib.save(img, tmp)),
+    ]
+    return outputs, protect
 
 
 def write_probabilities(
@@ -317,6 +435,31 @@ def write_probabilities(
     >>> write_probabilities("p.nii.gz", np.full((2, 4, 4, 4), 0.5, np.float32), np.eye(4))
     ... # doctest: +SKIP
     """
+    outputs, protect = probabilities_outputs(
+        path,
+        probabilities,
+        affine,
+        header,
+        dtype=dtype,
+        class_names=class_names,
+        input_shape=input_shape,
+        input_path=input_path,
+    )
+    write_outputs(outputs, protect)
+
+
+def probabilities_outputs(
+    path: PathLike,
+    probabilities: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    header: nib.Nifti1Header | None = None,
+    *,
+    dtype: str = "float32",
+    class_names: Sequence[str] | None = None,
+    input_shape: Sequence[int] | None = None,
+    input_path: PathLike | None = None,
+) -> tuple[list[Output], list[Path]]:
+    """What ``write_probabilities`` writes, checked and prepared but not yet written."""
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype={dtype!r}; expected 'float32' or 'float16'")
     affine, header, protect = _geometry(affine, header, input_path)
@@ -339,14 +482,12 @@ def write_probabilities(
         quantized = np.rint(np.clip(arr, 0.0, 1.0) * 65535.0).astype(np.uint16)
         img = _image(quantized, affine, header, slope=PROB16_SLOPE)
     img.header.set_intent("estimate", name="probability")
-    outputs = [Path(path)]
+    outputs: list[Output] = []
     if class_names is not None:
-        outputs.append(label_names_path(path))
         names = json.dumps({str(i): str(n) for i, n in enumerate(class_names)}, indent=1)
-    with atomic_outputs(outputs, protect) as tmps:
-        nib.save(img, tmps[0])
-        if class_names is not None:
-            tmps[1].write_text(names + "\n")
+        outputs.append((label_names_path(path), lambda tmp: Path(tmp).write_text(names + "\n")))
+    outputs.append((Path(path), lambda tmp: nib.save(img, tmp)))
+    return outputs, protect
 
 
 def save_nifti(img: nib.Nifti1Image, path: PathLike, *, input_path: PathLike | None = None) -> None:

@@ -22,8 +22,13 @@ values. A CT in HU always has voxels below 0 (air about -1000 HU around the body
 lungs), so a genuine CT never matches; a CT stored as raw unsigned values has hundreds
 of distinct values; a uniform volume (e.g. all air) is not refused.
 
-Checks that read values (finite, label map) cost one scalar read from the device, plus
-at most three more when the smallest value is ≥ 0.
+Checks that read values (finite, label map, HU plausibility) cost one scalar read from
+the device, plus at most three more when the smallest value is ≥ 0.
+
+HU plausibility (``check_hu``): a scan with no voxel below -500 HU (no air: an 8-bit
+image, a CT stored without its rescale intercept), with under 1% of its voxels in the
+soft-tissue range -200..300 HU, or with values beyond -33000..40000 HU is warned about
+(``hu_check="warn"``, the default), refused (``"error"``) or let through (``"off"``).
 """
 
 from __future__ import annotations
@@ -181,6 +186,7 @@ def load_scan(
     volume: str | os.PathLike | nib.spatialimages.SpatialImage | np.ndarray | torch.Tensor,
     spacing: tuple[float, float, float] | None = None,
     affine: np.ndarray | None = None,
+    hu_check: str = "warn",
 ) -> Scan:
     """Load and check a CT volume and bring it to canonical RAS orientation.
 
@@ -189,7 +195,8 @@ def load_scan(
     is dropped). Arrays and tensors need either ``spacing`` (3 positive finite mm along
     their axes; the array is then taken as already RAS) or ``affine`` (4x4 voxel → mm
     world RAS+; the array is reoriented through it), not both. Files and images carry
-    their own geometry, so neither may be given with them.
+    their own geometry, so neither may be given with them. ``hu_check``: ``"warn"``,
+    ``"error"`` or ``"off"`` for intensities that do not look like HU (``check_hu``).
 
     Raises ``TypeError`` for an unsupported input type or non-numeric data, and
     ``ValueError`` for anything else wrong (dims, NaN/Inf, spacing, a label map, an
@@ -208,14 +215,14 @@ def load_scan(
         shape = spatial_shape(img.shape, f"scan {path}")
         _check_dtype(np.dtype(img.get_data_dtype()), f"scan {path}")
         data = torch.from_numpy(read_voxels(img, path).reshape(shape))
-        return _make_scan(data, img.affine, img.header, path, f"scan {path}")
+        return _make_scan(data, img.affine, img.header, path, f"scan {path}", hu_check)
     if isinstance(volume, nib.spatialimages.SpatialImage):
         _refuse_geometry(spacing, affine, "a nibabel image")
         shape = spatial_shape(volume.shape, "image")
         _check_dtype(np.dtype(volume.get_data_dtype()), "image")
         data = torch.from_numpy(read_voxels(volume, "image").reshape(shape))
         header = volume.header if isinstance(volume.header, nib.Nifti1Header) else None
-        return _make_scan(data, volume.affine, header, None, "image")
+        return _make_scan(data, volume.affine, header, None, "image", hu_check)
     if isinstance(volume, np.ndarray):
         shape = spatial_shape(volume.shape, "volume")
         _check_dtype(volume.dtype, "volume")
@@ -238,14 +245,19 @@ def load_scan(
             "nibabel image, a numpy array or a torch tensor"
         )
     input_affine = _array_affine(spacing, affine)
-    return _make_scan(data, input_affine, None, None, "volume")
+    return _make_scan(data, input_affine, None, None, "volume", hu_check)
 
 
 def _make_scan(
-    data: torch.Tensor, input_affine: Any, header: Any, path: Path | None, what: str
+    data: torch.Tensor,
+    input_affine: Any,
+    header: Any,
+    path: Path | None,
+    what: str,
+    hu_check: str = "warn",
 ) -> Scan:
     input_affine = _check_affine(input_affine, what)
-    _check_values(data, what)
+    _check_values(data, what, hu_check)
     ornt = _orientation(input_affine)
     canonical = _to_canonical(data, ornt)
     affine = input_affine @ orientations.inv_ornt_aff(ornt, tuple(data.shape))
@@ -337,14 +349,69 @@ def _check_affine(affine: Any, what: str) -> np.ndarray:
     return affine
 
 
-def _check_values(data: torch.Tensor, what: str) -> None:
-    lo, hi = torch.stack(list(torch.aminmax(data))).tolist()  # NaN propagates: one read
+#: What a CT in HU holds (``check_hu``): air (and the scanner's padding) below
+#: ``AIR_BELOW``, soft tissue in ``SOFT_TISSUE``, nothing beyond ``HU_RANGE``.
+AIR_BELOW = -500.0
+SOFT_TISSUE = (-200.0, 300.0)
+HU_RANGE = (-33000.0, 40000.0)  # int16 padding (-32768) ... dense metal (extended scale)
+MIN_SOFT_TISSUE = 0.01  # of the voxels
+
+
+def check_hu(lo: float, hi: float, air: float, soft: float, what: str) -> str | None:
+    """Why intensities with minimum ``lo``, maximum ``hi``, a fraction ``air`` of voxels
+    below ``AIR_BELOW`` and ``soft`` in ``SOFT_TISSUE`` do not look like a CT in HU, or
+    ``None`` when they do.
+
+    >>> check_hu(0.0, 255.0, 0.0, 0.4, "scan") is not None  # an 8-bit image
+    True
+    >>> check_hu(-1024.0, 1800.0, 0.3, 0.5, "scan") is None
+    True
+    """
+    seen = f"{what}: intensities range over [{lo:.4g}, {hi:.4g}]"
+    if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
+        return (
+            f"{seen}, beyond any CT's Hounsfield units ({HU_RANGE[0]:g} to {HU_RANGE[1]:g}); "
+            "is the file's scaling (scl_slope, scl_inter) right?"
+        )
+    if air == 0.0 and lo > AIR_BELOW:
+        return (
+            f"{seen} with no voxel below {AIR_BELOW:g} HU; a CT has air at about -1000 HU "
+            "(is this an 8-bit image, or a CT without its rescale intercept?)"
+        )
+    if soft < MIN_SOFT_TISSUE:
+        return (
+            f"{seen} with {100 * soft:.2g}% of voxels in the soft-tissue range "
+            f"{SOFT_TISSUE[0]:g} to {SOFT_TISSUE[1]:g} HU; expected a CT of the body in HU"
+        )
+    return None
+
+
+def _check_values(data: torch.Tensor, what: str, hu_check: str = "warn") -> None:
+    stats = torch.stack(
+        [
+            *torch.aminmax(data),  # NaN propagates
+            (data < AIR_BELOW).float().mean(),
+            ((data >= SOFT_TISSUE[0]) & (data <= SOFT_TISSUE[1])).float().mean(),
+        ]
+    )
+    lo, hi, air, soft = stats.tolist()  # one read
     if not (np.isfinite(lo) and np.isfinite(hi)):
         n_nan = int(torch.isnan(data).sum())
         n_inf = int(torch.isinf(data).sum())
-        raise ValueError(
-            f"{what} has {n_nan} NaN and {n_inf} infinite voxels; expected finite HU values"
-        )
+        why = "expected finite HU values"
+        if n_inf and data.dtype == torch.float32:
+            why += " (values beyond ±3.4e38 overflow float32, in which scans are read)"
+        raise ValueError(f"{what} has {n_nan} NaN and {n_inf} infinite voxels; {why}")
+    _refuse_label_map(data, lo, hi, what)
+    if hu_check != "off":
+        problem = check_hu(lo, hi, air, soft, what)
+        if problem is not None and hu_check == "error":
+            raise ValueError(problem)
+        if problem is not None:
+            warnings.warn(problem + " (hu_check='error' refuses such scans)", stacklevel=4)
+
+
+def _refuse_label_map(data: torch.Tensor, lo: float, hi: float, what: str) -> None:
     if lo < 0 or lo == hi:
         return
     if not torch.equal(data, torch.round(data)):

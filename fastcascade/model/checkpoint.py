@@ -17,6 +17,7 @@ truncated file under the final name.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -61,8 +62,6 @@ def save_cascade(
     >>> s1 = UNet3D.from_architecture(cfg.stage1.architecture)  # doctest: +SKIP
     >>> save_cascade("out/model", cfg, s1, s1)  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     if not isinstance(config, CascadeConfig):
         raise TypeError(f"config must be a CascadeConfig, got {type(config).__name__}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -80,10 +79,26 @@ def save_cascade(
             tensors[f"{name}.{key}"] = t.contiguous()
     weights, cfg_path = model_paths(path)
     meta = {"format": FORMAT, "schema_version": str(config.schema_version)}
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    blob = safetensors_bytes(tensors, meta)
+    atomic_write(weights, lambda tmp: Path(tmp).write_bytes(blob))
     text = json.dumps({"format": FORMAT, **config.to_dict()}, indent=2) + "\n"
     atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(text))
     return weights, cfg_path
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` with its JSON header's keys sorted, so that the
+    same weights and metadata always give the same bytes (safetensors itself writes the
+    metadata in a hash map's order, which varies from run to run)."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    header = header.encode()
+    if len(header) > n:  # cannot happen for the same content; keep safetensors' own bytes
+        return blob
+    return blob[:8] + header + b" " * (n - len(header)) + blob[8 + n :]
 
 
 def load_config(path: str | Path) -> CascadeConfig:
@@ -94,7 +109,15 @@ def load_config(path: str | Path) -> CascadeConfig:
             f"model config {cfg_path} not found: a cascade is a .safetensors file with a "
             "JSON config of the same name beside it"
         )
-    data = json.loads(cfg_path.read_text())
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{cfg_path} is not a readable JSON model config ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{cfg_path} holds a JSON {type(data).__name__}; expected an object with the "
+            "cascade's config"
+        )
     if data.get("format") != FORMAT:
         raise ValueError(f"{cfg_path} has format {data.get('format')!r}; expected {FORMAT!r}")
     data = {k: v for k, v in data.items() if k != "format"}
@@ -102,6 +125,37 @@ def load_config(path: str | Path) -> CascadeConfig:
         return CascadeConfig.from_dict(data)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path} does not follow the cascade config schema: {err}") from err
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on the CPU; ``ValueError`` naming the file when it
+    is truncated, corrupt or not safetensors at all."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path}: cannot read it as safetensors weights ({err}); the file is truncated, "
+            "corrupt or of another format"
+        ) from err
+
+
+def _torch_load(path: Path, what: str):
+    """``torch.load(path, weights_only=True)`` on the CPU; ``ValueError`` naming the file
+    when it is not a PyTorch file of plain containers and tensors (never unpickled)."""
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: cannot read it as a {what} ({first}); expected a file written by "
+            "fastcascade (truncated, corrupt, or another kind of file)"
+        ) from err
 
 
 def check_state_dict(
@@ -136,22 +190,23 @@ def load_cascade(
 
     >>> config, stage1, stage2 = load_cascade("weights/model.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import load_file
-
     weights, _ = model_paths(path)
     config = load_config(path)
     if not weights.exists():
         raise FileNotFoundError(f"model weights {weights} not found")
-    tensors = load_file(str(weights), device="cpu")
+    tensors = _read_safetensors(weights)
     stray = sorted(k for k in tensors if k.split(".", 1)[0] not in STAGES)
     if stray:
         raise ValueError(f"{weights} holds keys outside stage1.*/stage2.*: {stray}")
     models = []
     for name in STAGES:
-        model = UNet3D.from_architecture(getattr(config, name).architecture)
+        arch = getattr(config, name).architecture
         prefix = name + "."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        check_state_dict(model, state, f"{weights} ({name})")
+        # shapes only, on the meta device: a config the file does not match allocates nothing
+        with torch.device("meta"):
+            check_state_dict(UNet3D.from_architecture(arch), state, f"{weights} ({name})")
+        model = UNet3D.from_architecture(arch)
         ref = model.state_dict()
         state = {k: v.to(ref[k].dtype) for k, v in state.items()}
         model.load_state_dict(state)
@@ -168,10 +223,8 @@ def load_state_any(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _read_safetensors(path)
+    obj = _torch_load(path, "PyTorch weights file")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -197,4 +250,9 @@ def load_training_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"training checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = _torch_load(path, "training checkpoint")
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path} holds a {type(state).__name__}; expected a training checkpoint (a dict)"
+        )
+    return state
