@@ -217,9 +217,9 @@ def test_fused_finalize_strided_views_as_the_stages_pass_them():
 
 
 @needs_interpreter
-def test_fused_finalize_float16_out_many_classes_and_small_programs(monkeypatch):
-    monkeypatch.setattr(stitch_module, "INTERPRETER_VOXELS", 16)
-    acc, ws = _accumulated(seed=60, channels=37)
+def test_fused_finalize_float16_out_and_small_programs(monkeypatch):
+    monkeypatch.setattr(stitch_module, "INTERPRETER_VOXELS", 32)  # 10 programs
+    acc, ws = _accumulated(seed=60, channels=19)
     out = torch.full(acc.shape, float("nan"), dtype=torch.float16)
     probs, labels = finalize(acc, ws, out=out, backend="triton")
     ref_probs, ref_labels = finalize_ref(acc, ws)
