@@ -238,8 +238,12 @@ def _accumulate_triton(acc, weight_sum, tiles, origins, weight, size) -> None:
     br, bz = blocks(n_rows, size[2])
     n_zb = triton.cdiv(size[2], bz)
     n_blocks = triton.cdiv(n_rows, br) * n_zb
-    if num_tiles * n_blocks >= 2**31:
-        raise ValueError(f"accumulate: {num_tiles} tiles of {size} are too many for one launch")
+    if num_tiles * n_blocks >= 2**31 or n_rows * size[2] >= 2**31:
+        # Programs are numbered in int32, and so are voxels within one tile (its weight).
+        raise ValueError(
+            f"accumulate: {num_tiles} tiles of {size} voxels are too many or too large for "
+            "the Triton kernel (2^31 programs, 2^31 voxels per tile); use backend='torch'"
+        )
     warps = 4 if _backend.interpreter_on() else GPU_WARPS
     with _on_device(acc.device):
         _accumulate_kernel[(num_tiles * n_blocks,)](
