@@ -101,7 +101,7 @@ EOF
 # -- tests ----------------------------------------------------------------------------------
 area_tests() {  # the test files of an area (missing ones are skipped)
   case "$1" in
-    kernels) echo tests/test_ops_conv_bn_relu.py tests/test_ops_dilate.py ;;
+    kernels) echo tests/test_ops_conv_bn_relu.py tests/test_ops_dilate.py tests/test_ops_stitch_triton.py ;;
     cascade) echo tests/test_cascade.py tests/test_tiling.py tests/test_ops_*.py ;;
     training) echo tests/test_train_*.py ;;
     *) ;;
@@ -180,6 +180,7 @@ for area in $AREAS; do
   [ "$area" = tune ] || step "tests $area" run_tests "$area"
   step "bench $area" bench "$area"
   [ "$area" = kernels ] && step "bench dilate" bench dilate
+  [ "$area" = kernels ] && step "bench stitch" bench stitch
 done
 
 echo; echo "=== summary ($OUT)"

@@ -1,5 +1,5 @@
-"""Compile the conv-BN-ReLU and dilation kernels for sm_90 (H100) without a GPU and check
-their resources.
+"""Compile the conv-BN-ReLU, dilation and stitching kernels for sm_90 (H100) without a GPU and
+check their resources.
 
 Runs only with ``FASTCASCADE_TEST_COMPILE=1`` (a separate pytest process, where
 ``TRITON_INTERPRET`` is off: the interpreter and the compiler cannot share a process). Each
@@ -321,3 +321,160 @@ def test_dilate_kernel_compiles_for_sm90(variant, tmp_path, capsys):
         # bytes in the pack kernel, the output bytes in the columns kernel).
         access = r"ld\.global\.v4" if variant.kernel == "pack" else r"st\.global\.v4"
         assert re.search(access, ptx), "the voxel accesses are not vectorised"
+
+
+# -- the stitching kernels (fastcascade/ops/stitch.py) -------------------------------------------
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+@dataclass(frozen=True)
+class StitchVariant:
+    kernel: str  # "accumulate" or "finalize"
+    channels: int
+    shape: tuple[int, int, int]  # acc's spatial shape
+    tile: tuple[int, int, int] = (0, 0, 0)  # accumulate: the tiles' size
+    dtype: torch.dtype = torch.float32  # accumulate: the tiles'; finalize: out's
+    weight: bool = True  # accumulate: a per-voxel weight
+    mask: bool = False  # finalize: a candidate mask
+    probs: bool = False  # finalize: probabilities written
+    int64: bool = False  # sizes and strides passed as i64
+
+    def __str__(self) -> str:
+        size = "x".join(map(str, self.shape))
+        if self.kernel == "accumulate":
+            tile = "x".join(map(str, self.tile))
+            extra = f"-{DTYPE_NAMES[self.dtype]}" + ("-w" if self.weight else "-now")
+            name = f"accumulate-c{self.channels}-{tile}-into-{size}{extra}"
+        else:
+            extra = ("-mask" if self.mask else "") + (
+                f"-probs-{DTYPE_NAMES[self.dtype]}" if self.probs else "-labels"
+            )
+            name = f"finalize-c{self.channels}-{size}{extra}"
+        return name + ("-i64" if self.int64 else "")
+
+
+def _stitch_variants() -> list[StitchVariant]:
+    acc = [
+        # the goal's 2,178 tiles of 44x44x28 into 8x256^3, and its dtypes
+        StitchVariant("accumulate", 8, (256, 256, 256), (44, 44, 28)),
+        StitchVariant("accumulate", 8, (256, 256, 256), (44, 44, 28), weight=False),
+        StitchVariant("accumulate", 8, (256, 256, 256), (44, 44, 28), torch.float16),
+        StitchVariant("accumulate", 8, (256, 256, 256), (44, 44, 28), torch.bfloat16),
+        # the default model's 11 classes on odd sizes; a slab pass as one "tile"
+        StitchVariant("accumulate", 11, (37, 29, 151), (13, 9, 7)),
+        StitchVariant("accumulate", 11, (256, 256, 150), (256, 256, 150), weight=False),
+        StitchVariant("accumulate", 8, (256, 256, 256), (44, 44, 28), int64=True),
+    ]
+    fin = [
+        StitchVariant("finalize", 8, (256, 256, 256)),
+        StitchVariant("finalize", 8, (256, 256, 256), mask=True),
+        StitchVariant("finalize", 8, (256, 256, 256), mask=True, probs=True),
+        StitchVariant("finalize", 11, (37, 29, 151), mask=True, probs=True),
+        StitchVariant("finalize", 11, (256, 256, 150), probs=True, dtype=torch.float16),
+        StitchVariant("finalize", 256, (64, 64, 64), mask=True, probs=True),
+        StitchVariant("finalize", 8, (256, 256, 256), mask=True, probs=True, int64=True),
+    ]
+    return acc + fin
+
+
+def _strides(shape) -> list[int]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return out[::-1]
+
+
+def compile_stitch_variant(v: StitchVariant):
+    """Compile one of the stitching kernels for sm_90 with its launcher's arguments
+    (contiguous tensors, the GPU's block sizes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastcascade.ops import stitch as s
+
+    c, (x, y, z) = v.channels, v.shape
+    if v.kernel == "accumulate":
+        tx, ty, tz = v.tile
+        br, bz = s.blocks(tx * ty, tz)
+        n_zb = -(-tz // bz)
+        names = ("stb", "stc", "stx", "sty", "stz", "sac", "sax", "say", "saz", "swx", "swy")
+        values = [c * tx * ty * tz, *_strides((c, tx, ty, tz)), *_strides((c, x, y, z))]
+        strides = dict(zip(names + ("swz",), values + _strides((x, y, z)), strict=True))
+        ints = dict(
+            C=c, X=x, Y=y, Z=z, TY=ty, TZ=tz, n_rows=tx * ty, n_zb=n_zb,
+            n_blocks=-(-tx * ty // br) * n_zb, **strides,
+        )  # fmt: skip
+        ptrs = {
+            "tile_ptr": POINTER_TYPES[v.dtype],
+            "origin_ptr": "*i64",
+            "w_ptr": "*fp32",
+            "acc_ptr": "*fp32",
+            "wsum_ptr": "*fp32",
+        }
+        constexprs = {"HAS_WEIGHT": v.weight, "BR": br, "BZ": bz}
+        kernel = s._accumulate_kernel
+    else:
+        br, bz = s.blocks(x * y, z)
+        volume, channels = _strides((x, y, z)), _strides((c, x, y, z))
+        names = ("sac", "sax", "say", "saz", "swx", "swy", "swz", "smx", "smy", "smz")
+        names += ("spc", "spx", "spy", "spz")
+        values = channels + volume + (volume if v.mask else [0, 0, 0])
+        values += channels if v.probs else [0, 0, 0, 0]
+        ints = dict(C=c, Y=y, Z=z, n_rows=x * y, n_zb=-(-z // bz))
+        ints |= dict(zip(names, values, strict=True))
+        out_type = POINTER_TYPES[v.dtype] if v.probs else "*fp32"
+        ptrs = {
+            "acc_ptr": "*fp32",
+            "wsum_ptr": "*fp32",
+            "mask_ptr": "*u8",
+            "prob_ptr": out_type,
+            "label_ptr": "*u8",
+        }
+        constexprs = {"HAS_MASK": v.mask, "PROBS": v.probs, "BR": br, "BZ": bz}
+        kernel = s._finalize_kernel
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1 and not v.int64:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i64" if v.int64 else "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    options = {"num_warps": s.GPU_WARPS}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.parametrize("variant", _stitch_variants(), ids=str)
+def test_stitch_kernel_compiles_for_sm90(variant, tmp_path, capsys):
+    compiled = compile_stitch_variant(variant)
+    assert compiled.asm["cubin"], "no cubin produced"
+    r = resource_report(compiled, tmp_path)
+    ptx = compiled.asm["ptx"]
+    atomics = re.findall(r"(?:atom|red)(?:\.\w+)*\.add\.f32", ptx)
+    with capsys.disabled():
+        print(
+            f"\n[sm_90] {str(variant):<56}: regs {r.get('registers', '?'):>3}  spills "
+            f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} B  smem "
+            f"{r['shared_bytes']:>5} B  f32 atomic adds {len(atomics):>2}",
+            end="",
+        )
+    assert r["shared_bytes"] <= SM90_SHARED_LIMIT
+    if "registers" in r:
+        assert r["registers"] <= 255
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, "the kernel spills"
+    if variant.kernel == "accumulate":
+        # Relaxed atomics: no fence or acquire/release ordering around each add.
+        assert atomics and all(".relaxed" in a for a in atomics)
+        assert "fence" not in ptx and "membar" not in ptx
+    else:
+        assert not atomics
+        # IEEE division, as PyTorch divides (Triton's "/" would give div.full, 2 ulp).
+        assert ("div.rn.f32" in ptx) == variant.probs

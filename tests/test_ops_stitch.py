@@ -1,4 +1,8 @@
-"""Stitching: an identity network must give its input back; scatter == slice-add loop."""
+"""Stitching: an identity network must give its input back; scatter == slice-add loop.
+
+The Triton kernels take part as the ``"triton"`` accumulator (Triton's interpreter on the
+CPU); their own cases are in ``test_ops_stitch_triton.py``.
+"""
 
 import itertools
 
@@ -8,6 +12,7 @@ import torch
 from scipy import ndimage
 
 from fastcascade.diagnostics import SyncCounter
+from fastcascade.ops import _backend
 from fastcascade.ops.stitch import (
     WEIGHT_FLOOR,
     accumulate,
@@ -21,7 +26,15 @@ ACCUMULATORS = {
     "auto": lambda *a: accumulate(*a, backend="auto"),
     "scatter": lambda *a: accumulate(*a, backend="torch"),
     "loop": accumulate_ref,
+    "triton": lambda *a: accumulate(*a, backend="triton"),
 }
+INTERPRETER = _backend.triton_available() and _backend.interpreter_on()
+
+
+def accumulators(*names):
+    """``names`` as parameters; ``"triton"`` skips without Triton's interpreter."""
+    needs = pytest.mark.skipif(not INTERPRETER, reason="needs Triton with TRITON_INTERPRET=1")
+    return [pytest.param(n, marks=needs) if n == "triton" else n for n in names]
 
 
 def random_probabilities(shape, seed) -> torch.Tensor:
@@ -67,7 +80,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("accumulator", list(ACCUMULATORS))
+@pytest.mark.parametrize("accumulator", accumulators(*ACCUMULATORS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_identity_network_reconstructs_its_input(layout, accumulator):
     spatial, tile, step, mode = LAYOUTS[layout]
@@ -79,7 +92,8 @@ def test_identity_network_reconstructs_its_input(layout, accumulator):
         assert torch.equal(weight_sum[2:-2, 3:-3], torch.full_like(weight_sum[2:-2, 3:-3], 4.0))
 
     out = torch.full_like(acc, float("nan"))
-    got, labels = finalize(acc, weight_sum, out=out)
+    backend = "triton" if accumulator == "triton" else "auto"
+    got, labels = finalize(acc, weight_sum, out=out, backend=backend)
     assert got is out
     assert labels.dtype == torch.uint8
     assert torch.equal(labels, probs.argmax(0).to(torch.uint8))
@@ -104,7 +118,7 @@ def test_scatter_equals_slice_add_loop(layout):
     assert not torch.equal(acc_ref, base)
 
 
-@pytest.mark.parametrize("accumulator", list(ACCUMULATORS))
+@pytest.mark.parametrize("accumulator", accumulators(*ACCUMULATORS))
 def test_random_origins_half_tiles_and_no_weight(accumulator):
     g = torch.Generator().manual_seed(3)
     tiles = torch.rand(5, 4, 3, 4, 2, generator=g).to(torch.float16)
@@ -185,7 +199,7 @@ def test_gaussian_weight_is_floored_and_constant_weight_is_ones():
     assert torch.equal(tile_weight((3, 4, 5)), torch.ones(3, 4, 5))
 
 
-@pytest.mark.parametrize("accumulator", ["auto", "scatter", "loop"])
+@pytest.mark.parametrize("accumulator", accumulators(*ACCUMULATORS))
 @pytest.mark.parametrize(
     "case",
     [
@@ -287,7 +301,7 @@ BAD_INPUT_MESSAGES = {
                 torch.zeros(2, 2, 2),
                 torch.zeros(0, 1, 1, 1, 1),
                 torch.zeros(0, 3, dtype=torch.long),
-                backend="triton",
+                backend="cupy",
             ),
             ValueError,
         ),
@@ -321,7 +335,7 @@ def test_bad_inputs_raise(call, error, request):
 
 def test_empty_batch_is_a_no_op():
     acc, weight_sum = torch.zeros(2, 3, 3, 3), torch.zeros(3, 3, 3)
-    for backend in ("auto", "torch"):
+    for backend in ("auto", "torch") + (("triton",) if INTERPRETER else ()):
         accumulate(
             acc,
             weight_sum,
