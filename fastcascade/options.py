@@ -52,7 +52,7 @@ class InferenceOptions:
       architecture) and its accumulators, and sets the slab size
       (:func:`fastcascade.passes.pass_bytes`).
     - ``body_mask_backend``: how C1's hole filling and labelling run (``"auto"``,
-      ``"scipy"``, ``"cupy"``, ``"torch"``; all give the same mask).
+      ``"scipy"``, ``"cupy"``, ``"torch"``, ``"cuda"``; all give the same mask).
     - ``precision``: ``"auto"`` (bf16 autocast on a CUDA GPU with native bf16, compute
       capability 8.0 or newer; fp32 elsewhere, the CPU included, where results are those of
       ``"fp32"`` bit for bit), ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the

@@ -28,4 +28,13 @@ def test_morphology_dry_run_records_every_provider_and_agreement(tmp_path, monke
     assert all(r["syncs"] == 0 for r in results if r["provider"] == "scipy")
     assert all(r["syncs"] >= 1 for r in results if r["provider"] == "torch")
     assert all(r["speedup_vs_scipy"] > 0 for r in results)
-    assert "body_mask" in (tmp_path / "morphology.md").read_text()
+    # The GPU-only providers are reported, with the reason, rather than left out silently.
+    unavailable = data["meta"]["unavailable"]
+    assert set(unavailable) == {"cupy", "cuda"}
+    assert "needs a CUDA tensor" in unavailable["cuda"] and "nvcc" in unavailable["cuda"]
+    assert "cuda_build_s" not in data["meta"]
+    table = (tmp_path / "morphology.md").read_text()
+    assert "body_mask" in table and "cuda: unavailable (backend 'cuda' needs" in table
+    import bench_morphology
+
+    assert "cuda: unavailable" in bench_morphology.summarize(data)

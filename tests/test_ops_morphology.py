@@ -453,11 +453,13 @@ def _cuda_or_skip() -> torch.device:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["auto", "torch", "cupy"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "cupy", "cuda"])
 def test_device_backends_match_scipy_on_the_gpu(backend):
     device = _cuda_or_skip()
     if backend == "cupy" and not morphology._backend.cupy_available():
         pytest.skip("CuPy is not installed (fastcascade[gpu])")
+    if backend == "cuda" and morphology._backend.cuda_extension_missing():
+        pytest.skip(f"csrc/ cannot be built: {morphology._backend.cuda_extension_missing()}")
     for name, m in MASKS.items():
         t = as_tensor(m).to(device)
         np.testing.assert_array_equal(
@@ -505,7 +507,10 @@ BAD_INPUT_MESSAGES = {
         (lambda: body_mask(torch.zeros(3, 3, 3, dtype=torch.bool)), TypeError),
         (lambda: body_mask(torch.zeros(3, 3)), ValueError),
         (lambda: body_mask(torch.zeros(3, 3, 3), backend="numpy"), ValueError),
-        (lambda: fill_holes_2d(torch.zeros(3, 3, 3, dtype=torch.bool), backend="cuda"), ValueError),
+        (
+            lambda: fill_holes_2d(torch.zeros(3, 3, 3, dtype=torch.bool), backend="opencv"),
+            ValueError,
+        ),
     ],
     ids=[
         "fill-float-mask",

@@ -1,5 +1,5 @@
 """The one place that asks what this environment can run: Triton, its interpreter, CUDA,
-cuDNN, CuPy, the compiled extension.
+cuDNN, CuPy, the CUDA C++ sources of ``csrc/`` (compiled on first use).
 
 Every op's public function takes ``backend="auto"`` and calls :func:`resolve`. ``"auto"``
 picks an accelerated backend only for CUDA tensors and falls back to ``"torch"`` quietly;
@@ -14,7 +14,9 @@ Backends:
 ``triton``  Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
 ``cudnn``   cuDNN through PyTorch (CUDA tensors, CUDA build of PyTorch)
 ``cupy``    CuPy (CUDA tensors, ``pip install 'fastcascade[gpu]'``)
-``cuda_ext`` the compiled extension ``fastcascade._C`` (CUDA tensors)
+``cuda``    the CUDA C++ kernels of ``csrc/``, compiled on first use by
+            ``torch.utils.cpp_extension.load`` (CUDA tensors; a CUDA build of PyTorch, the
+            CUDA toolkit's nvcc, ninja and a C++ compiler)
 =========== ============================================================================
 
 >>> import torch
@@ -26,22 +28,22 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
+import shutil
 import types
+from pathlib import Path
 
 import torch
 
-BACKENDS: tuple[str, ...] = ("torch", "triton", "cudnn", "cupy", "cuda_ext")
-
-#: The module name a compiled extension is built as (``csrc/``).
-EXTENSION_MODULE = "fastcascade._C"
+BACKENDS: tuple[str, ...] = ("torch", "triton", "cudnn", "cupy", "cuda")
 
 _INSTALL: dict[str, str] = {
     "triton": "pip install 'triton>=3.0' (Linux only)",
     "cudnn": "a CUDA build of PyTorch (see https://pytorch.org/get-started/locally/)",
     "cupy": "pip install 'fastcascade[gpu]'",
-    "cuda_ext": "pip install --no-build-isolation -e . on a machine with CUDA and nvcc",
+    "cuda": "a CUDA build of PyTorch, the CUDA toolkit (nvcc, found through CUDA_HOME or "
+    "PATH), ninja (pip install 'fastcascade[cuda]') and a C++ compiler; csrc/ is compiled "
+    "on first use",
 }
 
 
@@ -112,10 +114,38 @@ def cupy_available() -> bool:
     return bool(cupy.is_available())
 
 
+def csrc_dir() -> Path | None:
+    """The folder of the CUDA C++ sources: ``csrc/`` of a source checkout (editable
+    install), else ``fastcascade/csrc/`` of an installed package (``setup.py`` copies them
+    there); ``None`` where neither holds ``ccl.cu``."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package.parent / "csrc", package / "csrc"):
+        if (folder / "ccl.cu").is_file():
+            return folder
+    return None
+
+
 @functools.cache
-def extension_available() -> bool:
-    """Whether the compiled extension (``fastcascade._C``) is installed."""
-    return importlib.util.find_spec(EXTENSION_MODULE) is not None
+def cuda_extension_missing() -> str | None:
+    """What compiling ``csrc/`` on first use lacks here, in words; ``None`` when nothing.
+
+    Checks a CUDA build of PyTorch, the sources, the CUDA toolkit (the ``CUDA_HOME``
+    PyTorch's extension builder finds) and ninja, without compiling anything or
+    initialising CUDA.
+    """
+    if torch.version.cuda is None:
+        return f"a CUDA build of PyTorch (this one, {torch.__version__}, has no CUDA)"
+    if csrc_dir() is None:
+        return "the CUDA sources (csrc/ccl.cu), which a source checkout or a built package holds"
+    from torch.utils import cpp_extension  # imports setuptools: only asked on demand
+
+    if cpp_extension.CUDA_HOME is None:
+        return "the CUDA toolkit's nvcc (set CUDA_HOME, or put nvcc on PATH)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja (pip install 'fastcascade[cuda]', or pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "a C++ compiler (c++, or the one CXX names)"
+    return None
 
 
 def import_triton() -> tuple[types.ModuleType, types.ModuleType]:
@@ -146,8 +176,8 @@ def available(backend: str, tensor: torch.Tensor) -> bool:
         return cudnn_available()
     if backend == "cupy":
         return cupy_available()
-    if backend == "cuda_ext":
-        return extension_available()
+    if backend == "cuda":
+        return cuda_extension_missing() is None
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -158,8 +188,18 @@ def _why_unavailable(backend: str, tensor: torch.Tensor) -> str:
             "TRITON_INTERPRET=1 set before fastcascade is imported to run them in "
             "Triton's CPU interpreter"
         )
+    if backend == "cuda" and not on_cuda(tensor):
+        return (
+            f"backend 'cuda' needs a CUDA tensor (an NVIDIA GPU), got one on {tensor.device}; "
+            f"it also needs {_INSTALL['cuda']}"
+        )
     if backend != "triton" and not on_cuda(tensor):
         return f"backend {backend!r} needs a CUDA tensor, got one on {tensor.device}"
+    if backend == "cuda":
+        return (
+            f"backend 'cuda' compiles csrc/ on first use and needs {cuda_extension_missing()}; "
+            f"in all: {_INSTALL['cuda']}"
+        )
     return f"backend {backend!r} is not installed; install it with: {_INSTALL[backend]}"
 
 
@@ -196,7 +236,9 @@ def resolve(
 
 
 def summary() -> dict[str, object]:
-    """What this environment offers, for ``fastcascade env`` and benchmark records.
+    """What this environment offers, for ``fastcascade env`` and benchmark records
+    (``cuda_ext``: whether ``csrc/`` can be compiled here, see
+    :func:`cuda_extension_missing`; it is built at its first use, not here).
 
     Initialises CUDA if a CUDA device is present.
     """
@@ -208,6 +250,6 @@ def summary() -> dict[str, object]:
         "cuda_capability": cuda_capability() if cuda else None,
         "cudnn": cudnn_available(),
         "cupy": cupy_available(),
-        "cuda_ext": extension_available(),
+        "cuda_ext": cuda_extension_missing() is None,
         "autotune": autotune_enabled(),
     }

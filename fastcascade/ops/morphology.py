@@ -1,6 +1,6 @@
 """Body mask C1: HU threshold, hole filling per axial slice, largest 3D component.
 
-Three implementations of hole filling and connected-component labelling, one result:
+Four implementations of hole filling and connected-component labelling, one result:
 
 ``scipy``  ``scipy.ndimage`` on the host: the CPU path and the reference. For a CUDA
            tensor it costs one round trip of the boolean mask (one byte per voxel each
@@ -10,6 +10,11 @@ Three implementations of hole filling and connected-component labelling, one res
 ``torch``  labelling in PyTorch ops on the tensor's device (below), for a GPU without
            CuPy. It runs on the CPU too, slower than SciPy there
            (``benchmarks/bench_morphology.py`` times both), so that the tests prove it.
+``cuda``   fastcascade's own CUDA kernels (``csrc/ccl.cu``, :mod:`fastcascade.ops.ccl`):
+           block-based union-find on the tensor's GPU, compiled on first use; CUDA
+           tensors only, no host sync. Asked for by name only: it has not run on a GPU
+           yet, and ``"auto"`` will take it once a GPU run has checked it and timed it
+           against CuPy.
 
 ``backend="auto"`` takes ``scipy`` for a CPU tensor, and for a CUDA tensor ``cupy`` where
 CuPy is installed, else ``torch``: on a GPU nothing leaves the device.
@@ -25,7 +30,8 @@ component, holds one label: its minimum. Rounds run in groups of
 changed anything. The number of rounds grows with the longest chain of runs a component
 needs (a handful on abdominal scans; the tests and ``benchmarks/bench_morphology.py``
 record the host reads): a few syncs on this path, none with ``scipy`` (whose round trip
-is one transfer each way), and CuPy reads its component count internally, twice.
+is one transfer each way), and CuPy reads its component count internally, twice. The
+``cuda`` kernels and the steps after them read nothing back.
 
 Exactness: every backend returns exactly what the SciPy reference returns (bit-exact
 masks); the tests also compare them with plain-Python flood fill and labelling.
@@ -43,11 +49,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import _backend
+from . import _backend, ccl
 from ._checks import check_mask
 
 #: The ``backend`` values every function here takes.
-BACKENDS = ("auto", "scipy", "cupy", "torch")
+BACKENDS = ("auto", "scipy", "cupy", "torch", "cuda")
 
 #: Labelling rounds between two convergence checks (one host sync each) of the PyTorch path.
 ROUNDS_PER_CHECK = 4
@@ -69,8 +75,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str = "body_mask") -
         if not _backend.on_cuda(tensor):
             return "scipy"
         return "cupy" if _backend.available("cupy", tensor) else "torch"
-    if backend == "cupy":
-        return _backend.resolve("cupy", tensor, candidates=("cupy",))  # raises if unusable
+    if backend in ("cupy", "cuda"):
+        return _backend.resolve(backend, tensor, candidates=(backend,))  # raises if unusable
     return backend
 
 
@@ -177,7 +183,12 @@ def _label_cupy(mask: torch.Tensor, structure: np.ndarray | None) -> torch.Tenso
         return torch.from_dlpack(labels)
 
 
-def _label(mask: torch.Tensor, backend: str, in_plane: bool) -> torch.Tensor:
+def _label(mask: torch.Tensor, backend: str, in_plane: bool, invert: bool) -> torch.Tensor:
+    """Labels of the components of contiguous ``mask`` (of ``~mask`` with ``invert``)."""
+    if backend == "cuda":
+        return ccl.label_components(mask, in_plane, invert)  # reads the mask as it is
+    if invert:
+        mask = ~mask
     if backend == "cupy":
         return _label_cupy(mask, _IN_PLANE if in_plane else None)
     return _label_torch(mask, _IN_PLANE_AXES if in_plane else _ALL_AXES)
@@ -215,12 +226,12 @@ def _fill_holes_device(mask: torch.Tensor, backend: str) -> torch.Tensor:
     mask = mask.contiguous()
     if mask.numel() == 0:
         return mask.clone()
-    return _fill_from_labels(mask, _label(~mask, backend, in_plane=True))
+    return _fill_from_labels(mask, _label(mask, backend, in_plane=True, invert=True))
 
 
 def _largest_component_device(mask: torch.Tensor, backend: str) -> torch.Tensor:
     mask = mask.contiguous()
-    return _largest_from_labels(mask, _label(mask, backend, in_plane=False))
+    return _largest_from_labels(mask, _label(mask, backend, in_plane=False, invert=False))
 
 
 # --- references: SciPy as documented, slice by slice -------------------------------------
@@ -261,8 +272,8 @@ def fill_holes_2d(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
     ``mask``: bool ``(x, y, z)`` on any device. Returns bool ``(x, y, z)`` on the same
     device: ``mask`` plus every background region of a slice that is not 4-connected to
-    that slice's x/y border. ``backend``: ``"auto"``, ``"scipy"``, ``"cupy"`` or
-    ``"torch"`` (see the module; all give the same mask).
+    that slice's x/y border. ``backend``: ``"auto"``, ``"scipy"``, ``"cupy"``,
+    ``"torch"`` or ``"cuda"`` (see the module; all give the same mask).
 
     >>> m = torch.ones(5, 5, 2, dtype=torch.bool)
     >>> m[2, 2, :] = False
@@ -283,7 +294,7 @@ def largest_component(mask: torch.Tensor, backend: str = "auto") -> torch.Tensor
     device; all False when ``mask`` is empty. Ties between components of equal size go to
     the component whose first voxel comes first in C order (lowest index along x, then y,
     then z), which is SciPy's lowest label. ``backend``: ``"auto"``, ``"scipy"``,
-    ``"cupy"`` or ``"torch"`` (see the module; all give the same mask).
+    ``"cupy"``, ``"torch"`` or ``"cuda"`` (see the module; all give the same mask).
 
     >>> m = torch.zeros(6, 1, 1, dtype=torch.bool)
     >>> m[0], m[2:4] = True, True
@@ -315,8 +326,8 @@ def body_mask(
 
     No voxel above the threshold gives an all-False mask (no error). The threshold runs on
     the device; with ``backend="scipy"`` (the CPU default) steps 2 and 3 share one host
-    round trip of the boolean mask, with ``"cupy"`` or ``"torch"`` (a GPU's default)
-    everything stays on the device.
+    round trip of the boolean mask, with ``"cupy"`` or ``"torch"`` (a GPU's default) or
+    ``"cuda"`` everything stays on the device.
 
     >>> ct = torch.full((8, 8, 4), -1000.0)
     >>> ct[2:6, 2:6, :] = 40.0
