@@ -25,10 +25,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_cli import FakeSegment  # a result for the scan, or the error it is given
 
 import fastcascade
 from fastcascade import cli
-from fastcascade.api import DEFAULT_MODEL, SegmentationResult
+from fastcascade.api import DEFAULT_MODEL
 from fastcascade.config import CLASS_NAMES
 from fastcascade.io import atomic, nifti
 from fastcascade.io.limits import parse_bytes
@@ -71,30 +72,6 @@ def raw_header(shape, dtype=np.int16) -> bytes:
     h.set_data_dtype(dtype)
     h["pixdim"][1:4] = 1.0
     return h.binaryblock + b"\0" * 4  # vox_offset 352
-
-
-class FakeSegment:
-    """Stands in for ``fastcascade.segment``: a result for the scan, or an error."""
-
-    def __init__(self, error: Exception | None = None):
-        self.error = error
-
-    def __call__(self, volume, **kwargs):
-        if self.error is not None:
-            raise self.error
-        img = nib.load(volume)
-        labels = (img.get_fdata() > 0).astype(np.uint8)
-        probs = None
-        if kwargs.get("probabilities"):
-            probs = np.stack([labels == c for c in range(len(CLASS_NAMES))]).astype(np.float32)
-        return SegmentationResult(
-            labels=labels,
-            class_names=CLASS_NAMES,
-            affine=img.affine,
-            header=img.header,
-            probabilities=probs,
-            source=Path(volume),
-        )
 
 
 # ------------------------------------------------------------------ 1. sizes claimed
