@@ -483,3 +483,32 @@ def test_outputs_never_overwrite_the_input_scan(tmp_path, phantom):
     with pytest.raises(ValueError, match="input file"):
         odd.split(tmp_path)  # its mask would be ct.nii.gz
     assert ct_path.read_bytes() == before
+
+
+# -- through a real segment() -------------------------------------------------------------------
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["array", "tensor"])
+def test_a_segment_result_keeps_its_scan_for_statistics_and_preview(tmp_path, as_tensor):
+    """An LPS, axis-swapped input: the kept scan comes back on the input's own grid."""
+    from test_cascade import tiny_predictor
+
+    ct = np.full((20, 18, 16), -1000.0, np.float32)
+    ct[4:16, 3:15, 3:13] = np.linspace(-50, 150, 12 * 12 * 10, dtype=np.float32).reshape(12, 12, 10)
+    affine = np.array([[0, -6.0, 0, 40], [-6.0, 0, 0, 30], [0, 0, 6.0, -20], [0, 0, 0, 1]])
+    volume = torch.from_numpy(ct) if as_tensor else ct
+    result = tiny_predictor().segment(volume, affine=affine, hu_check="off")
+    assert result.scan is not None
+    assert isinstance(result.labels, torch.Tensor) == as_tensor
+    assert np.array_equal(result.image_hu(), ct)
+    stats = result.statistics()
+    assert stats == result.statistics(ct=ct)
+    labels = np.asarray(result.labels)
+    for name, s in stats["organs"].items():
+        k = CLASS_NAMES.index(name)
+        assert s["voxels"] == int((labels == k).sum())
+        if s["voxels"]:
+            assert s["hu_mean"] == pytest.approx(ct[labels == k].astype(np.float64).mean())
+    assert sum(s["voxels"] for s in stats["organs"].values()) == int((labels > 0).sum()) > 0
+    result.preview(tmp_path / "p.png")
+    result.scan = None  # freed: then the CT must be given
+    with pytest.raises(ValueError, match="pass ct="):
+        result.statistics()
