@@ -9,9 +9,11 @@ the probabilities when asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,23 @@ import torch
 from .cascade import segment_scan
 from .config import CascadeConfig
 from .diagnostics import Clock
+from .io.atomic import atomic_write, output_folders
 from .io.limits import human_bytes, max_memory
-from .io.scan import load_scan
+from .io.nifti import (
+    Output,
+    completion_marker_path,
+    labels_outputs,
+    probabilities_outputs,
+    split_outputs,
+    write_outputs,
+)
+from .io.scan import Scan, load_scan
 from .model import UNet3D
 from .model.checkpoint import load_cascade
 from .options import PRECISIONS, InferenceOptions, build_options
 from .passes import forward_memory
+from .postprocess import keep_largest_components, keep_organs, organ_ids
+from .statistics import organ_statistics, statistics_csv, statistics_json, statistics_paths
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default.safetensors"
 
@@ -40,7 +53,18 @@ class SegmentationResult:
     path, image and array inputs, a tensor on the input's device for tensor inputs.
     ``probabilities``: float32 ``(C, x, y, z)`` likewise, when asked for. ``timings`` in
     seconds per step; ``tiles[stage] = (computed, total)``. ``source``: the scan's file
-    for path inputs, which :meth:`save` refuses to overwrite.
+    for path inputs, which :meth:`save` refuses to overwrite. ``selected``: the class ids
+    :meth:`select` kept (``None``: every class). ``scan``: the input as read (its HU, in
+    canonical orientation, on the CPU or the input tensor's device), kept for
+    :meth:`statistics` and :meth:`preview`; set it to ``None`` to free that memory
+    (they then read ``source`` again, or take ``ct=``).
+
+    >>> result = fastcascade.segment("ct.nii.gz")  # doctest: +SKIP
+    >>> result = result.select(["liver", "spleen"]).largest_components()  # doctest: +SKIP
+    >>> result.statistics()["organs"]["liver"]["volume_ml"]  # doctest: +SKIP
+    1532.7
+    >>> result.save("seg.nii.gz", preview="seg.png", statistics="stats.json", split="masks")
+    ... # doctest: +SKIP
     """
 
     labels: np.ndarray | torch.Tensor
@@ -53,6 +77,143 @@ class SegmentationResult:
     c2_fraction: float = 0.0
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)
     source: Path | None = None
+    selected: tuple[int, ...] | None = None
+    scan: Scan | None = field(default=None, repr=False, compare=False)
+
+    # -- label maps -------------------------------------------------------------------
+    @property
+    def organ_ids(self) -> tuple[int, ...]:
+        """The class ids the outputs report: those :meth:`select` kept, else every class
+        but background."""
+        if self.selected is not None:
+            return self.selected
+        return tuple(range(1, len(self.class_names)))
+
+    def select(self, organs: Iterable[str] | str) -> SegmentationResult:
+        """A copy whose labels keep only ``organs`` (class names, or one comma-separated
+        string); every other label becomes background in the labels and in every output
+        made from them (statistics, split masks, preview). Ids keep their meaning: the
+        class list and the probabilities (the networks' output) are unchanged. An unknown
+        name raises ``ValueError`` listing the model's organs.
+
+        >>> result.select(["liver", "spleen"]).organ_ids  # doctest: +SKIP
+        (1, 2)
+        """
+        ids = organ_ids(self.class_names, organs)
+        removed = [self.class_names[k] for k in ids if k not in self.organ_ids]
+        if removed:
+            raise ValueError(f"{', '.join(removed)}: already removed by an earlier select()")
+        return dataclasses.replace(self, labels=keep_organs(self.labels, ids), selected=ids)
+
+    def largest_components(self) -> SegmentationResult:
+        """A copy in which each organ keeps only its largest 6-connected component (the
+        rest becomes background), computed by SciPy on the CPU (a tensor's labels go to
+        the host and back); see :func:`fastcascade.postprocess.keep_largest_components`."""
+        return dataclasses.replace(
+            self, labels=keep_largest_components(self.labels, self.organ_ids)
+        )
+
+    # -- what is made from the labels and the CT ------------------------------------
+    def image_hu(self, ct=None) -> np.ndarray:
+        """The CT in HU on the input's grid, float32 ``(x, y, z)`` like :attr:`labels`.
+
+        ``ct``: ``None`` (the kept :attr:`scan`, else the :attr:`source` file read
+        again), a path or nibabel image of the input scan (its affine must match), or an
+        array/tensor already on the input's grid and orientation.
+        """
+        shape = tuple(self.labels.shape)
+        if ct is None and self.scan is None and self.source is None:
+            raise ValueError(
+                "the CT is not kept with this result (result.scan is None and it was not "
+                "read from a file): pass ct=, the HU volume on the input's grid"
+            )
+        if isinstance(ct, np.ndarray | torch.Tensor):
+            hu = ct.detach().cpu().numpy() if isinstance(ct, torch.Tensor) else ct
+        else:
+            scan = self.scan if ct is None else None
+            if scan is None:
+                scan = load_scan(self.source if ct is None else ct, hu_check="off")
+                if not np.allclose(scan.input_affine, self.affine, rtol=0, atol=1e-3):
+                    raise ValueError(
+                        "the CT's affine differs from the labels' (more than 1e-3 mm): "
+                        f"{scan.input_affine.tolist()} vs {np.asarray(self.affine).tolist()}"
+                    )
+            hu = scan.to_input_grid(scan.data).cpu().numpy()
+        if tuple(hu.shape) != shape:
+            raise ValueError(f"the CT has shape {tuple(hu.shape)}; the labels' grid is {shape}")
+        if hu.dtype.kind not in "iuf":
+            raise TypeError(f"the CT must hold real HU values, got dtype {hu.dtype}")
+        return hu.astype(np.float32, copy=False)
+
+    def statistics(self, ct=None) -> dict[str, Any]:
+        """Per organ of :attr:`organ_ids`: voxels, volume in ml, mean and standard
+        deviation of HU, bounding box in world RAS mm and in voxels, on the input's grid
+        (:func:`fastcascade.statistics.organ_statistics`). ``ct`` as for
+        :meth:`image_hu`.
+
+        >>> result.statistics()["organs"]["liver"]["hu_mean"]  # doctest: +SKIP
+        54.2
+        """
+        return organ_statistics(
+            self.labels, self.image_hu(ct), self.affine, self.class_names, self.organ_ids
+        )
+
+    def preview(self, path, ct=None) -> Path:
+        """Write the overlay PNG (axial, coronal and sagittal slices through the organs,
+        one colour per label, a legend of those present; :func:`fastcascade.viz.preview_png`),
+        atomically. Needs matplotlib (``pip install fastcascade[viz]``)."""
+        outputs, protect = self._preview_outputs(path, ct)
+        with output_folders([Path(path).parent]):
+            write_outputs(outputs, protect)
+        return Path(path)
+
+    def split(self, folder) -> list[Path]:
+        """Write one binary mask per organ of :attr:`organ_ids` into ``folder`` (created
+        if missing): ``<name>.nii.gz``, uint8 0/1 with the input's affine, and
+        ``<name>.json`` naming it; all or none. Returns the paths."""
+        outputs, protect = self._split_outputs(folder)
+        with output_folders([folder]):
+            write_outputs(outputs, protect)
+        return [p for p, _ in outputs]
+
+    def _preview_outputs(self, path, ct=None) -> tuple[list[Output], list[Path]]:
+        from . import viz
+
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"preview {path}: expected a file name ending in .png")
+        viz.require_matplotlib()
+        hu = self.image_hu(ct)
+        labels = _host(self.labels)
+
+        def draw(tmp: Path) -> None:
+            viz.preview_png(hu, labels, self.affine, tmp, self.class_names)
+
+        return [(path, draw)], self._protect()
+
+    def _split_outputs(self, folder) -> tuple[list[Output], list[Path]]:
+        return split_outputs(
+            folder,
+            self.labels,
+            self.affine,
+            self.class_names,
+            self.organ_ids,
+            header=self.header,
+            input_path=self.source,
+        )
+
+    def _statistics_outputs(self, path, ct=None) -> tuple[list[Output], list[Path]]:
+        json_path, csv_path = statistics_paths(path)
+        stats = self.statistics(ct)
+        as_json, as_csv = statistics_json(stats), statistics_csv(stats)
+        outputs = [
+            (json_path, lambda tmp: Path(tmp).write_text(as_json)),
+            (csv_path, lambda tmp: Path(tmp).write_text(as_csv)),
+        ]
+        return outputs, self._protect()
+
+    def _protect(self) -> list[Path]:
+        return [] if self.source is None else [Path(self.source)]
 
     def save(
         self,
@@ -61,31 +222,37 @@ class SegmentationResult:
         probabilities_dtype: str = "float32",
         *,
         marker: Mapping[str, Any] | None = None,
+        preview=None,
+        statistics=None,
+        split=None,
+        ct=None,
     ) -> list[Path]:
-        """Write the labels (and probabilities) as NIfTI on the input's grid, each with a
-        JSON of label names beside it; never onto the input scan. Returns the paths.
+        """Write the labels (and what else is asked for) on the input's grid; never onto
+        the input scan. Returns the paths written.
+
+        - ``path``: the label file (NIfTI), with a JSON of label names beside it;
+        - ``probabilities_path`` (``probabilities_dtype`` ``"float32"`` or ``"float16"``);
+        - ``preview``: the overlay PNG (:meth:`preview`);
+        - ``statistics``: ``stats.json`` and ``stats.csv`` beside it (:meth:`statistics`);
+        - ``split``: a folder of one binary mask per organ (:meth:`split`);
+        - ``ct``: the CT for the preview and the statistics (:meth:`image_hu`).
+
+        Missing folders are created (and removed again, if still empty, when writing fails).
 
         All or nothing: every file is written to a temporary first and moved into place
         only when all are written, the label file last. With ``marker`` (a JSON-able
         record, e.g. the options used) a completion marker ``seg.done.json`` is written
         after them (``io.nifti.completion_marker_path``), holding the record and the
-        outputs' names; an old marker is removed before the first file moves (and kept if
-        writing fails, the old files with it), so a marker always describes the files
-        beside it.
+        outputs' paths relative to its folder; an old marker is removed before the first
+        file moves (and kept if writing fails, the old files with it), so a marker always
+        describes the files beside it.
         """
-        from .io.atomic import atomic_write
-        from .io.nifti import (
-            completion_marker_path,
-            labels_outputs,
-            probabilities_outputs,
-            write_outputs,
-        )
-
         if probabilities_path is not None and self.probabilities is None:
             raise ValueError("no probabilities: call segment(..., probabilities=True)")
-        outputs, protect = [], []
+        outputs: list[Output] = []
+        protect = self._protect()
         if probabilities_path is not None:
-            outputs, protect = probabilities_outputs(
+            outputs += probabilities_outputs(
                 probabilities_path,
                 self.probabilities,
                 self.affine,
@@ -93,32 +260,45 @@ class SegmentationResult:
                 dtype=probabilities_dtype,
                 class_names=self.class_names,
                 input_path=self.source,
-            )
-        label_files, protect = labels_outputs(
+            )[0]
+        if split is not None:
+            outputs += self._split_outputs(split)[0]
+        if statistics is not None:
+            outputs += self._statistics_outputs(statistics, ct)[0]
+        if preview is not None:
+            outputs += self._preview_outputs(preview, ct)[0]
+        outputs += labels_outputs(
             path,
             self.labels,
             self.affine,
             self.class_names,
             header=self.header,
             input_path=self.source,
-        )
-        outputs += label_files  # the label file last
+        )[0]  # the label file last
         paths = [p for p, _ in outputs]
-        if len(set(map(str, paths))) != len(paths):
+        if len(set(map(_resolved, paths))) != len(paths):
             raise ValueError(f"two outputs would share one file name: {[str(p) for p in paths]}")
         record = None
         if marker is not None:
-            record = json.dumps(
-                {**dict(marker), "outputs": [p.name for p in paths]}, indent=1, sort_keys=True
-            )
             done = completion_marker_path(path)
+            listed = [os.path.relpath(p, done.parent) for p in paths]
+            record = json.dumps({**dict(marker), "outputs": listed}, indent=1, sort_keys=True)
         # the old marker goes once the new files are written, before they move into place
         unmark = None if record is None else lambda: done.unlink(missing_ok=True)
-        write_outputs(outputs, protect, before_move=unmark)
+        with output_folders({p.parent for p in paths}):
+            write_outputs(outputs, protect, before_move=unmark)
         if record is not None:
             atomic_write(done, lambda tmp: Path(tmp).write_text(record + "\n"))
             paths.append(done)
         return paths
+
+
+def _resolved(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _host(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def resolve_device(device: str | torch.device, volume=None) -> torch.device:
@@ -250,6 +430,7 @@ class Predictor:
             c2_fraction=out.c2_fraction,
             tiles=out.tiles,
             source=scan.path,
+            scan=scan,
         )
 
 

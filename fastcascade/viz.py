@@ -13,27 +13,61 @@ superior up in coronal and sagittal views; pixels are scaled by the voxel spacin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from os import PathLike
 
 import numpy as np
+from nibabel import orientations
+from scipy import ndimage
 
 from .config import CLASS_NAMES
 
-__all__ = ["candidates_png", "label_colours", "overlay_png"]
+__all__ = [
+    "PALETTE",
+    "Overlay",
+    "candidates_png",
+    "label_colours",
+    "overlay_png",
+    "preview_png",
+    "require_matplotlib",
+]
 
-# Distinct colours for the default classes (RGB 0..1); further ids cycle through tab20.
-_COLOURS = {
-    "liver": (0.85, 0.37, 0.01),
-    "spleen": (0.46, 0.44, 0.70),
-    "kidney_right": (0.91, 0.16, 0.54),
-    "kidney_left": (0.40, 0.65, 0.12),
-    "pancreas": (0.90, 0.67, 0.01),
-    "stomach": (0.10, 0.62, 0.47),
-    "gallbladder": (0.12, 0.47, 0.71),
-    "aorta": (0.89, 0.10, 0.11),
-    "inferior_vena_cava": (0.22, 0.49, 0.72),
-    "portal_splenic_vein": (0.60, 0.31, 0.64),
-}
+#: The label palette: 16 qualitative colours (sRGB hex), every pair at least 29 CIE76 ΔE
+#: apart and none close to grey (CIELAB chroma ≥ 27), so each stays distinct over a grey
+#: CT. Ids 1..10 of the default classes take the first ten in order; other class lists
+#: take them by name where a name is a default one, else the next unused colour; beyond
+#: 16 classes the colours repeat. (The colours are those of Sasha Trubetskoy's "20
+#: simple, distinct colours" without the greys and the palest tints.)
+PALETTE: tuple[str, ...] = (
+    "#f58231",  # orange      liver
+    "#911eb4",  # purple      spleen
+    "#ffe119",  # yellow      kidney_right
+    "#bfef45",  # lime        kidney_left
+    "#f032e6",  # magenta     pancreas
+    "#dcbeff",  # lavender    stomach
+    "#3cb44b",  # green       gallbladder
+    "#e6194b",  # red         aorta
+    "#4363d8",  # blue        inferior_vena_cava
+    "#42d4f4",  # cyan        portal_splenic_vein
+    "#9a6324",  # brown
+    "#800000",  # maroon
+    "#aaffc3",  # mint
+    "#808000",  # olive
+    "#469990",  # teal
+    "#000075",  # navy
+)
+
+#: Opacity of a label's area over the CT; its outline is drawn opaque.
+FILL_ALPHA = 0.35
+
+#: The legend takes the figure's right part, from this fraction of its width.
+LEGEND_LEFT = 0.84
+
+
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` naming ``pip install fastcascade[viz]`` where matplotlib is
+    missing (e.g. before a long job that ends with a picture)."""
+    _pyplot()
 
 
 def _pyplot():
@@ -47,26 +81,74 @@ def _pyplot():
     return plt
 
 
-def label_colours(class_names: Sequence[str]) -> np.ndarray:
-    """(len(class_names), 4) RGBA colours; id 0 (background) is fully transparent."""
-    from matplotlib import colormaps
+def _rgb(hex_colour: str) -> tuple[float, float, float]:
+    return tuple(int(hex_colour[i : i + 2], 16) / 255.0 for i in (1, 3, 5))
 
-    cycle = colormaps["tab20"].colors
+
+def label_colours(class_names: Sequence[str]) -> np.ndarray:
+    """``(len(class_names), 4)`` RGBA colours in 0..1 from :data:`PALETTE`; id 0
+    (background) is fully transparent.
+
+    A default class name gets its default colour whatever its id (a fine-tuned model's
+    liver stays orange); other names get the palette's unused colours in id order, and
+    the colours repeat beyond :data:`PALETTE`'s 16.
+
+    >>> label_colours(("background", "liver"))[1].round(3).tolist()
+    [0.961, 0.51, 0.192, 1.0]
+    """
+    fixed = {name: i for i, name in enumerate(CLASS_NAMES[1:]) if i < len(PALETTE)}
+    taken = {fixed[n] for n in class_names[1:] if n in fixed}
+    spare = iter([i for i in range(len(PALETTE)) if i not in taken])
     out = np.zeros((len(class_names), 4))
-    for i, name in enumerate(class_names):
-        if i == 0:
+    for k, name in enumerate(class_names):
+        if k == 0:
             continue
-        rgb = _COLOURS.get(name, cycle[(i - 1) % len(cycle)])
-        out[i] = (*rgb, 1.0)
+        index = fixed.get(name)
+        if index is None:
+            index = next(spare, (k - 1) % len(PALETTE))
+        out[k] = (*_rgb(PALETTE[index]), 1.0)
     return out
 
 
 def _default_slices(labels: np.ndarray) -> tuple[int, int, int]:
-    """Through the labelled voxels' centroid (the volume's centre when there are none)."""
-    fg = np.argwhere(labels > 0)
-    if len(fg) == 0:
+    """Per axis, the slice through the most organs: the one inside the most labels'
+    bounding boxes, then the one with the most labelled voxels, then the one nearest the
+    labelled voxels' centroid (the volume's centre when there are none)."""
+    fg = labels > 0
+    if not fg.any():
         return tuple(int(n // 2) for n in labels.shape)
-    return tuple(int(round(c)) for c in fg.mean(0))
+    boxes = [b for b in ndimage.find_objects(labels) if b]
+    chosen = []
+    for axis, n in enumerate(labels.shape):
+        crossed = np.zeros(n, np.int64)
+        for box in boxes:
+            crossed[box[axis]] += 1
+        others = tuple(a for a in range(3) if a != axis)
+        counts = fg.sum(axis=others)
+        centre = (np.arange(n) * counts).sum() / counts.sum()
+        order = np.lexsort((np.abs(np.arange(n) - centre), -counts, -crossed))
+        chosen.append(int(order[0]))
+    return tuple(chosen)
+
+
+def _outline(labels2d: np.ndarray) -> np.ndarray:
+    """Labelled pixels with a 4-neighbour of another id (the image's border counts as
+    background): each organ's outline, one pixel wide, inside the organ."""
+    padded = np.pad(labels2d, 1)
+    inner = padded[1:-1, 1:-1]
+    edge = np.zeros(labels2d.shape, bool)
+    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        edge |= shifted != inner
+    return edge & (labels2d > 0)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """What :func:`overlay_png` drew: the ``slices`` ``(x, y, z)`` (sagittal, coronal,
+    axial) and the ``legend``'s class names, in id order."""
+
+    slices: tuple[int, int, int]
+    legend: tuple[str, ...]
 
 
 def overlay_png(
@@ -77,8 +159,12 @@ def overlay_png(
     class_names: Sequence[str] = CLASS_NAMES,
     slices: Sequence[int] | None = None,
     window: tuple[float, float] = (-160, 240),
-) -> None:
+) -> Overlay:
     """Write a PNG with an axial, a coronal and a sagittal slice, labels coloured.
+
+    Each label is drawn in its colour (:func:`label_colours`): its area at
+    :data:`FILL_ALPHA` over the CT, its outline opaque; a legend on the right names every
+    label present in the volume.
 
     Args:
         image_hu: CT in HU, shape ``(X, Y, Z)`` in canonical RAS, any real dtype.
@@ -87,14 +173,18 @@ def overlay_png(
         spacing: voxel size in mm ``(x, y, z)`` (sets the pixels' aspect ratio).
         class_names: names of the ids (id 0 is background and left uncoloured).
         slices: voxel indices ``(x, y, z)`` of the sagittal, coronal and axial planes;
-            by default through the labelled voxels' centroid.
+            by default, per axis, the slice through the most organs
+            (:func:`_default_slices`).
         window: HU range shown from black to white.
+
+    Returns the :class:`Overlay` drawn (slices and legend).
 
     Example::
 
         >>> from fastcascade.phantom import make_phantom
         >>> ph = make_phantom(seed=0)
-        >>> overlay_png(ph.image, ph.labels, "/tmp/phantom.png", ph.spacing)
+        >>> overlay_png(ph.image, ph.labels, "/tmp/phantom.png", ph.spacing).legend[:2]
+        ('liver', 'spleen')
     """
     image_hu = np.asarray(image_hu)
     labels = np.asarray(labels)
@@ -136,23 +226,54 @@ def overlay_png(
     ]
     widths = [v[0].shape[1] * v[2] for v in views]
     fig, axes = plt.subplots(
-        1, 3, figsize=(15, 5.6), gridspec_kw={"width_ratios": widths}, squeeze=True
+        1, 3, figsize=(16, 5.6), gridspec_kw={"width_ratios": widths}, squeeze=True
     )
     for ax, (img, lab, pw, ph, title) in zip(axes, views, strict=True):
         extent = (0, img.shape[1] * pw, 0, img.shape[0] * ph)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
         rgba = colours[lab]
-        rgba[..., 3] *= 0.45
+        rgba[..., 3] = np.where(_outline(lab), 1.0, rgba[..., 3] * FILL_ALPHA)
         ax.imshow(rgba, extent=extent, interpolation="nearest")
         ax.set_title(title)
         ax.set_axis_off()
-    present = [i for i in np.unique(labels) if i > 0]
+    present = [int(i) for i in np.unique(labels) if i > 0]
     handles = [Patch(color=colours[i][:3], label=class_names[i]) for i in present]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=80)
+        fig.legend(
+            handles=handles, loc="center left", bbox_to_anchor=(LEGEND_LEFT, 0.5), frameon=False
+        )
+    fig.tight_layout(rect=(0, 0, LEGEND_LEFT, 1))
+    fig.savefig(path, dpi=80, format="png")
     plt.close(fig)
+    return Overlay(slices=slices, legend=tuple(class_names[i] for i in present))
+
+
+def preview_png(
+    image_hu: np.ndarray,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    path: str | PathLike,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> Overlay:
+    """:func:`overlay_png` of a CT and its labels on the input's own grid: both are
+    brought to canonical RAS (flips and an axis permutation, nibabel's
+    ``io_orientation`` of ``affine``) and drawn with the affine's voxel sizes.
+
+    ``image_hu``: HU ``(i, j, k)``; ``labels``: integer ids, same shape; ``affine``: the
+    4x4 voxel → mm matrix of that grid. Returns the :class:`Overlay` drawn (its slices
+    are indices of the RAS view).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    ornt = orientations.io_orientation(affine)
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # mm per input axis
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (canonical, _) in enumerate(ornt):
+        spacing[int(canonical)] = float(sizes[axis])
+    image = orientations.apply_orientation(np.asarray(image_hu), ornt)
+    lab = orientations.apply_orientation(np.asarray(labels), ornt)
+    return overlay_png(image, lab, path, spacing, class_names)
 
 
 def candidates_png(

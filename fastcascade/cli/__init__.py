@@ -1,9 +1,10 @@
 """The ``fastcascade`` command: ``segment``, ``phantom``, ``train``, ``finetune``,
 ``evaluate``, ``demo`` and ``env``.
 
-Each command lives in a module of this package (``segment.py``, ``phantom.py``,
-``train.py`` for ``train`` and ``finetune``, ``evaluate.py``, ``demo.py``, ``env.py``)
-whose ``register(subparsers)`` adds its subparser(s); every command is a function
+Each command lives in a module of this package (``segment.py``, with its inference
+flags in ``segment_options.py`` and its extra outputs in ``segment_outputs.py``;
+``phantom.py``, ``train.py`` for ``train`` and ``finetune``, ``evaluate.py``, ``demo.py``,
+``env.py``) whose ``register(subparsers)`` adds its subparser(s); every command is a function
 ``_cmd_<name>(args) -> int`` (the exit status) set as the subparser's ``func``. Argument
 types they share are in ``arguments.py``. Argument parsing lives here only; the commands
 call the library. Heavy modules (torch, the cascade) are imported inside the command

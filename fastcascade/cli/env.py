@@ -1,4 +1,5 @@
-"""``fastcascade env``: versions, CUDA devices and the backends available."""
+"""``fastcascade env``: versions, CUDA devices, the backends available, and which one
+``backend="auto"`` picks for each op on this machine, and why."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def _cmd_env(args: argparse.Namespace) -> int:
     print("backends:")
     for key, value in _backend.summary().items():
         print(f"  {key:<17} {value}")
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    print(f"backend='auto' picks, on {device}:")
+    for op, (backend, why) in _backend.auto_choices().items():
+        print(f"  {op:<17} {backend:<13} {why}")
     return 0
 
 

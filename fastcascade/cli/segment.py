@@ -1,4 +1,8 @@
-"""``fastcascade segment INPUT -o OUTPUT``: labels (and probabilities) for one CT scan.
+"""``fastcascade segment INPUT -o OUTPUT``: labels (and probabilities, a preview,
+statistics, one mask per organ) for one CT scan.
+
+The inference flags are in ``segment_options.py``, the outputs beyond the labels and
+probabilities in ``segment_outputs.py``.
 
 $ fastcascade segment ct.nii.gz -o seg.nii.gz --probabilities probs.nii.gz
 """
@@ -6,12 +10,27 @@ $ fastcascade segment ct.nii.gz -o seg.nii.gz --probabilities probs.nii.gz
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import arguments
+from . import arguments, segment_options, segment_outputs
+
+EXAMPLES = """\
+examples:
+  fastcascade segment ct.nii.gz -o seg.nii.gz
+  fastcascade segment ct.nii.gz -o out/seg.nii.gz --preview out/seg.png \\
+      --statistics out/stats.json --split out/masks
+  fastcascade segment ct.nii.gz -o seg.nii.gz --organs liver,spleen --largest-component
+  fastcascade segment ct.nii.gz -o seg.nii.gz --probabilities probs.nii.gz --fp16-probabilities
+  fastcascade segment ct.nii.gz -o seg.nii.gz --device cpu --threads 8 --memory-budget 4G
+  fastcascade segment ct.nii.gz -o seg.nii.gz --inference tiles --weights gaussian --no-skip
+
+Outputs are written all or none, the label file last, then seg.done.json listing them;
+an existing output stops the command before any work unless --overwrite is given.
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="segment a CT scan (NIfTI) into organ labels",
         description="Segment INPUT (a .nii/.nii.gz CT in HU) and write the labels on its "
         "own grid, with a JSON of label names beside them.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", type=Path, help="CT scan, .nii or .nii.gz")
     p.add_argument("-o", "--output", required=True, type=Path, help="label file (.nii or .nii.gz)")
@@ -39,12 +60,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="store probabilities in 16 bits (uint16 scaled by 1/65535) instead of float32",
     )
-    p.add_argument(
-        "--no-overlap", action="store_true", help="stage 2 on non-overlapping tiles (faster)"
-    )
-    p.add_argument(
-        "--batch-size", type=arguments.positive_int, default=2, help="tiles per batch (default: 2)"
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument(
         "--overwrite",
@@ -52,11 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="replace existing outputs (without it, an existing output stops the command "
         "before any work)",
     )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="refuse a scan whose intensities do not look like HU instead of warning",
-    )
+    segment_outputs.add_arguments(p)
+    segment_options.add_arguments(p)
     p.set_defaults(func=_cmd_segment, parser=p)
 
 
@@ -80,7 +92,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         outputs += [args.probabilities, label_names_path(args.probabilities)]
         if same_file(args.probabilities, args.output):
             raise ValueError("--probabilities and --output name the same file")
+    segment_outputs.check(args)
+    outputs += segment_outputs.planned(args)
     outputs.append(completion_marker_path(args.output))
+    _check_distinct(outputs)
     for out in outputs:  # checked before the work, and again by the writers
         if same_file(out, source):
             raise ValueError(f"refusing to write {out}: it is the input scan")
@@ -92,31 +107,29 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
         )
 
-    options = dict(
-        overlap=not args.no_overlap,
-        probabilities=args.probabilities is not None,
-        batch_size=args.batch_size,
-        hu_check="error" if args.strict else "warn",
-    )
+    options = segment_options.options(args)
     with output_folders({p.parent for p in outputs}):
         progress = _TileProgress(disable=args.quiet)
         try:
-            result = fastcascade.segment(
-                str(source),
-                model=args.model,
-                device=args.device,
-                progress=progress,
-                **options,
-            )
+            with segment_options.threads(args.threads):
+                result = fastcascade.segment(
+                    str(source),
+                    model=args.model,
+                    device=args.device,
+                    progress=progress,
+                    **options,
+                )
         finally:
             progress.close()
 
         t0 = time.perf_counter()
+        result = segment_outputs.apply(result, args)
         written = result.save(
             args.output,
             args.probabilities,
             "float16" if args.fp16_probabilities else "float32",
             marker=_marker(args, source, options),
+            **segment_outputs.save_arguments(args),
         )
     if not args.quiet:
         timings = {**result.timings, "write": time.perf_counter() - t0}
@@ -139,9 +152,25 @@ def _marker(args: argparse.Namespace, source: Path, options: dict) -> dict:
             "mtime_ns": stat.st_mtime_ns,
         },
         "model": "default" if args.model is None else str(Path(args.model).resolve()),
-        "options": {**options, "fp16_probabilities": args.fp16_probabilities},
+        "options": {
+            **segment_options.record(options),
+            "fp16_probabilities": args.fp16_probabilities,
+        },
+        "postprocess": segment_outputs.record(args),
         "device": args.device,
+        "threads": args.threads,
     }
+
+
+def _check_distinct(outputs: Sequence[Path]) -> None:
+    """Two outputs naming one file (``--preview`` and ``-o`` alike, a link to another
+    output) are refused before the work."""
+    seen: dict[str, Path] = {}
+    for out in outputs:
+        key = os.path.realpath(out)
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {out} name the same file; give each output its own")
+        seen[key] = out
 
 
 class _TileProgress:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -407,6 +408,74 @@ def labels_outputs(
         (label_names_path(path), lambda tmp: Path(tmp).write_text(names)),
         (Path(path), lambda tmp: nib.save(img, tmp)),
     ]
+    return outputs, protect
+
+
+def mask_file_name(name: str) -> str:
+    """The file name of an organ's binary mask: ``liver`` → ``liver.nii.gz``; characters
+    other than letters, digits, ``.``, ``_`` and ``-`` become ``_`` (a class name never
+    leaves the split folder).
+
+    >>> mask_file_name("inferior_vena_cava")
+    'inferior_vena_cava.nii.gz'
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).lstrip(".") or "_"
+    return f"{safe}.nii.gz"
+
+
+def split_outputs(
+    folder: PathLike,
+    labels: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    class_names: Sequence[str],
+    ids: Sequence[int] | None = None,
+    header: nib.Nifti1Header | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    input_path: PathLike | None = None,
+) -> tuple[list[Output], list[Path]]:
+    """One binary mask per organ, checked and prepared but not yet written (see
+    ``write_outputs``): ``folder/<name>.nii.gz`` (:func:`mask_file_name`) for each id of
+    ``ids`` (default: every class but background), present or not, with the voxels of
+    that id 1 and every other 0, as a label file: uint8, the input's affine in sform and
+    qform, unit scaling, and ``folder/<name>.json`` (``{"0": "background", "1": name}``)
+    beside it. ``labels``: (x, y, z) class ids on the input grid.
+
+    >>> split_outputs("masks", np.zeros((2, 2, 2), np.uint8), np.eye(4), CLASS_NAMES, [1])[0][1][0]
+    ... # doctest: +SKIP
+    PosixPath('masks/liver.nii.gz')
+    """
+    arr = _to_numpy(labels, "labels")
+    class_names = tuple(str(n) for n in class_names)
+    ids = range(1, len(class_names)) if ids is None else sorted({int(i) for i in ids})
+    if any(not 0 < k < len(class_names) for k in ids):
+        raise ValueError(f"ids must be class ids in 1..{len(class_names) - 1}, got {list(ids)}")
+    folder = Path(folder)
+    files = {k: folder / mask_file_name(class_names[k]) for k in ids}
+    if len(set(files.values())) != len(files):
+        raise ValueError(
+            f"two class names give one mask file name in {folder}: {list(class_names)}"
+        )
+    _, header, protect = _geometry(affine, header, input_path)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"labels have dtype {arr.dtype}; expected integer class ids")
+    _check_grid(arr.shape, input_shape, header, "labels")
+
+    def mask_writer(path: Path, k: int) -> Callable[[Path], None]:
+        # the mask is made when its file is written: one volume-sized mask at a time
+        def write(tmp: Path) -> None:
+            mask = (arr == k).astype(np.uint8)
+            names = ("background", class_names[k])
+            ((_, image),) = labels_outputs(path, mask, affine, names, header)[0][1:]
+            image(tmp)
+
+        return write
+
+    outputs: list[Output] = []
+    for k, path in files.items():
+        names = json.dumps({"0": "background", "1": class_names[k]}, indent=1) + "\n"
+        outputs.append((label_names_path(path), lambda tmp, text=names: Path(tmp).write_text(text)))
+        outputs.append((path, mask_writer(path, k)))
     return outputs, protect
 
 

@@ -253,3 +253,79 @@ def summary() -> dict[str, object]:
         "cuda_ext": cuda_extension_missing() is None,
         "autotune": autotune_enabled(),
     }
+
+
+# -- what "auto" picks per op -------------------------------------------------------------
+#: The ops ``auto_choices`` describes, in pipeline order.
+OPS: tuple[str, ...] = ("conv-BN-ReLU", "dilation", "stitching", "morphology", "warp")
+
+
+def auto_choices(cuda: bool | None = None) -> dict[str, tuple[str, str]]:
+    """``{op: (backend, why)}``: what ``backend="auto"`` picks for each op of :data:`OPS`
+    on this machine's default device (a CUDA GPU where ``cuda``, by default where one is
+    present; else the CPU), and why, from the probes above.
+
+    The rules are those of each op's public function (``conv_bn_relu/dispatch.py``,
+    ``dilate.py``, ``stitch.py``, ``morphology.py``, ``warp.py``); the tests check them
+    against those functions. Asking about a GPU initialises CUDA.
+
+    >>> auto_choices(cuda=False)["morphology"][0]
+    'scipy'
+    """
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        why = "no CUDA device"
+        return {
+            "conv-BN-ReLU": ("torch", f"{why}: PyTorch's conv3d, BatchNorm and ReLU"),
+            "dilation": ("torch", f"{why}: exact row decomposition in PyTorch"),
+            "stitching": ("torch", f"{why}: slice-add loop (faster than index_add_ on a CPU)"),
+            "morphology": ("scipy", f"{why}: SciPy labelling on the host"),
+            "warp": ("torch", f"{why}: grid_sample"),
+        }
+    interpret = interpreter_on()
+    triton = triton_available() and not interpret
+    if interpret:
+        no_triton = "TRITON_INTERPRET=1: the interpreter is never picked by auto"
+    else:
+        no_triton = "Triton not installed"
+
+    if triton and cudnn_available():
+        from .conv_bn_relu import configs  # the committed per-shape table
+
+        providers = [entry["provider"] for entry in configs.CONFIGS.values()]
+        counts = ", ".join(f"{providers.count(p)} {p}" for p in ("triton", "cudnn"))
+        tuned = f"tuned on {configs.TUNED_ON}" if configs.TUNED_ON else "not yet tuned"
+        conv = (
+            "triton|cudnn",
+            f"per layer shape from the committed table ({counts}; {tuned}), "
+            "cudnn for shapes not in it",
+        )
+    elif triton:
+        conv = ("triton", "Triton kernel (this PyTorch has no cuDNN)")
+    elif cudnn_available():
+        conv = ("cudnn", f"cuDNN's fused conv + ReLU, BatchNorm folded ({no_triton})")
+    else:
+        conv = ("torch", f"PyTorch ({no_triton}, no cuDNN)")
+
+    if triton:
+        dilation = ("triton", "two Triton kernels on bit-packed rows (torch where the ball's "
+                    "z half-width exceeds the kernels' limit)")  # fmt: skip
+        stitching = ("triton", "Triton atomic adds and a fused finalize")
+        warp = ("triton", "one fused Triton pass")
+    else:
+        dilation = ("torch", f"row decomposition on the GPU ({no_triton})")
+        stitching = ("torch", f"index_add_ on the GPU ({no_triton})")
+        warp = ("torch", f"grid_sample ({no_triton})")
+    if cupy_available():
+        morphology = ("cupy", "CuPy labelling on the GPU ('cuda' is used only when named)")
+    else:
+        morphology = ("torch", "PyTorch labelling on the GPU (CuPy not installed; 'cuda' is "
+                      "used only when named)")  # fmt: skip
+    return {
+        "conv-BN-ReLU": conv,
+        "dilation": dilation,
+        "stitching": stitching,
+        "morphology": morphology,
+        "warp": warp,
+    }
