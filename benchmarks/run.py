@@ -33,6 +33,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "tune": ("bench_tune", "run_tune"),
     "morphology": ("bench_morphology", "run_morphology"),
     "dilate": ("bench_dilate", "run_dilate"),
+    "warp": ("bench_warp", "run_warp"),
     "passes": ("bench_passes", "run_passes"),
     "host": ("bench_host", "run_host"),
 }
