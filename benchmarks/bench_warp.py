@@ -17,8 +17,8 @@ same inputs:
 - ``scipy``: ``map_coordinates`` (order 1 image, order 0 labels, ``grid-constant``) on the
   host from the reference's positions, one CPU thread, positions not timed; full runs only.
 - ``fastcascade_triton``: ``elastic_affine_warp(..., backend="triton")``, one kernel that
-  computes the positions itself; ``fastcascade_triton_w8`` the same launched with 8 warps
-  (the default is 4) to tell which launch shape to keep.
+  computes the positions itself (8 warps of 2 voxels per thread); ``fastcascade_triton_w4``
+  the same launched with 4 warps, to tell which launch shape to keep.
 - ``fastcascade_triton_coords``: ``warp(..., backend="triton")`` from positions computed
   beforehand (not timed): the kernel's sampling alone.
 
@@ -136,7 +136,7 @@ def _providers(case, *, cuda, quick, cpu):
             lambda: elastic_affine_warp(*args, backend="triton"),
             cuda,
         )
-        providers["fastcascade_triton_w8"] = (
+        providers["fastcascade_triton_w4"] = (
             lambda: warp_mod._warp_triton(
                 image,
                 labels,
@@ -144,7 +144,7 @@ def _providers(case, *, cuda, quick, cpu):
                 control_displacements=ctrl,
                 grid_spacing=SPACING,
                 fill_value=AIR,
-                num_warps=8,
+                num_warps=4,
             ),
             cuda,
         )

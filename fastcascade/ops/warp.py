@@ -57,7 +57,8 @@ __all__ = [
 _TILE_VOXELS = 512  # output voxels per program (a BX x BY x BZ tile)
 _TILE_Z = 64  # at most this many along z: 256-byte rows of fp32, coalesced
 _INT32_LIMIT = 2**31 - 1
-_NUM_WARPS = 4  # 4 voxels per thread; benchmarks/bench_warp.py also times 8
+_NUM_WARPS = 8  # 2 voxels per thread: 80 registers or fewer on sm_90 (Triton 3.6) where 4
+# warps need up to 136; benchmarks/bench_warp.py times 4 against it
 
 
 def _pow2_at_least(n: int) -> int:
