@@ -8,9 +8,8 @@
 # AREA: kernels, cascade, training, tune, smoke, or all (= kernels cascade training). Each
 # area is a list of steps (the plan, below); every run starts with `install` (wheels from
 # ./wheels/, made by benchmarks/gpu_prepare.sh, into a private folder on PYTHONPATH) and
-# `preflight` (imports and versions, CUDA, free GPU memory, a tiny Triton kernel), and ends
-# with `tables` (the benchmarks' short tables). A failed preflight stops the run at once,
-# with one summary line saying what is missing.
+# `preflight` (imports and versions, CUDA, free GPU memory, a tiny Triton kernel); a failed
+# preflight stops the run at once, with one summary line saying what is missing.
 #
 # Every step runs under its own time limit (`timeout`), and the next step runs whatever
 # the last one did. Steps write into a work folder outside OUTDIR (--work; default a new
@@ -20,7 +19,8 @@
 #   OUTDIR/gpu_check.tar.gz          everything: log, preflight.json, nvidia-smi, pip list,
 #                                    JUnit XML per test step, each benchmark's JSON and
 #                                    markdown, steps.json, summary.md
-#   OUTDIR/gpu_check_summary.md      the verdict, one row per step, the short tables
+#   OUTDIR/gpu_check_summary.md      the verdict, one row per step, each finished
+#                                    benchmark's short table
 #
 # and nothing else is written to OUTDIR, so a run killed at any point leaves these two
 # files with what had finished (and, from the background packing, what a running step had
@@ -82,7 +82,7 @@ area_plan() {
                                            tests/test_ops_morphology.py tests/test_ops_stitch.py \
                                            tests/test_ops_resample.py tests/test_ops_backend.py
       plan bench_morphology 300  15  bench morphology
-      plan e2e            2400   45  e2e
+      plan e2e            2400   55  e2e
       ;;
     training)
       plan tests_training  600   20  tests tests/test_train_*.py
@@ -100,7 +100,6 @@ area_plan() {
 ALL_AREAS="kernels cascade training"
 KNOWN_AREAS="kernels cascade training tune smoke"
 FIRST_STEPS() { plan install 120 20 install; plan preflight 120 30 preflight; }
-LAST_STEPS() { plan tables 60 10 tables; }
 CPU_SCALE=10
 PACK_RESERVE=15
 
@@ -184,12 +183,6 @@ run_e2e() {
   fi
 }
 
-run_tables() {
-  "$PY" benchmarks/run.py --summary "$GC_WORK" > "$GC_WORK/bench_tables.md.tmp" \
-    && mv -f "$GC_WORK/bench_tables.md.tmp" "$GC_WORK/bench_tables.md" \
-    && cat "$GC_WORK/bench_tables.md"
-}
-
 if [ "${1:-}" = "--step" ]; then  # the child: one step's body
   shift
   PY="$GC_PY"
@@ -201,7 +194,6 @@ if [ "${1:-}" = "--step" ]; then  # the child: one step's body
     compile) run_compile "$name" ;;
     bench) run_bench "$@" ;;
     e2e) run_e2e ;;
-    tables) run_tables ;;
     *) echo "unknown step kind $kind" >&2; exit 2 ;;
   esac
   exit $?
@@ -258,7 +250,6 @@ plan() {  # plan NAME FULL QUICK KIND ARGS...
 }
 FIRST_STEPS
 for a in $AREAS; do area_plan "$a"; done
-LAST_STEPS
 TOTAL=0; for l in "${STEP_LIMITS[@]}"; do TOTAL=$((TOTAL + l)); done
 
 print_plan() {

@@ -3,14 +3,14 @@
 ``benchmarks/gpu_check.sh`` calls this after every step (and from a background loop while
 a step runs), so the summary is always current: it reads the work folder the check writes
 into (``meta.tsv``, ``plan.tsv``, ``steps.tsv``, ``current.tsv``, the steps' JUnit XML and
-JSON, ``preflight.json``, ``bench_tables.md``) and writes ``WORK/summary.md`` and
+JSON, ``preflight.json``, the benchmarks' ``*.short.md``) and writes ``WORK/summary.md`` and
 ``WORK/steps.json``, and ``OUT_FILE`` atomically when given. Standard library only: it
 must work where torch or anything else is missing.
 
 The summary's first line is the verdict (``ok``, ``FAILED``, ``RUNNING`` or
 ``INTERRUPTED``), then the preflight line, one row per planned step (status, seconds,
 time limit, what came out of it: test counts and failed tests, benchmark records), and the
-benchmarks' short tables once the last step has made them.
+short table of each benchmark that has finished.
 """
 
 from __future__ import annotations
@@ -158,10 +158,13 @@ def build(work: Path) -> tuple[str, dict]:
         lines.append(
             f"| {s['name']} | {status} | {s.get('seconds', '')} | {s['limit_s']} | {detail} |\n"
         )
-    tables = work / "bench_tables.md"
-    if tables.exists() and tables.read_text().strip():
-        lines.append("\n## Benchmarks (short tables; full JSON and markdown in the archive)\n")
-        lines.append(tables.read_text())
+    tables = [p.read_text().strip() for p in sorted(work.glob("*.short.md"), key=os.path.getmtime)]
+    for path in sorted(work.glob("e2e-*.md")):  # the end-to-end table, without its preamble
+        rows = [line for line in path.read_text().splitlines() if line.startswith("|")]
+        tables += [f"## end to end ({path.name})\n\n" + "\n".join(rows)] if rows else []
+    if tables:
+        lines.append("\n## Benchmarks (short tables; full JSON and markdown in the archive)\n\n")
+        lines.append("\n\n".join(tables) + "\n")
     files = sorted(p.name for p in work.iterdir() if p.is_file())
     lines.append(f"\narchive contents: {', '.join(files)}\n")
     return "".join(lines), {"verdict": verdict, "meta": meta, "steps": steps}
