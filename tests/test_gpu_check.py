@@ -205,3 +205,41 @@ def test_timeout_then_sigterm_keep_what_finished(tmp_path):
     time.sleep(1.0)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(work) not in ps
+
+
+@pytest.mark.slow
+def test_a_failed_preflight_stops_the_run_with_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the preflight passes on a machine with a GPU")
+    out = tmp_path / "out"
+    # A GPU run (no --cpu) on a machine without one: the preflight must say so and stop.
+    proc = subprocess.run(
+        [
+            "bash",
+            str(SCRIPT),
+            "--area",
+            "smoke",
+            "--quick",
+            "--work",
+            str(tmp_path / "w"),
+            str(out),
+        ],
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    summary = (out / "gpu_check_summary.md").read_text()
+    assert summary.startswith("# gpu_check FAILED: 1 of 4 steps preflight failed")
+    line = next(x for x in summary.splitlines() if x.startswith("preflight: "))
+    assert line.startswith("preflight: FAILED") and "no CUDA device" in line
+    steps = {
+        s["name"]: s for s in json.loads((tmp_path / "w/gpu_check/steps.json").read_text())["steps"]
+    }
+    assert (
+        steps["tests_smoke"]["status"] == "skipped" and steps["bench_warp"]["status"] == "skipped"
+    )
+    assert "preflight failed" in steps["tests_smoke"]["note"]
