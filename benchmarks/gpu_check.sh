@@ -123,7 +123,7 @@ run_install() {
     echo "no wheels/ (benchmarks/gpu_prepare.sh makes it): the image's packages only" | tee "$note"
     return 0
   fi
-  local names; names="$(cd wheels && ls ./*.whl | sed 's|^\./||; s|-py.*||; s|-cp.*||' | tr '\n' ' ')"
+  local names; names="$(cd wheels && ls ./*.whl | sed 's|^\./||; s|-py.*||; s|-cp.*||' | paste -sd ' ')"
   if [ "$GC_CPU" = 1 ]; then  # the dry run leaves the environment as it is
     local w; for w in wheels/*.whl; do
       "$PY" -m zipfile -t "$w" > /dev/null 2>&1 || { echo "unreadable: $w" | tee "$note"; return 1; }

@@ -118,7 +118,8 @@ def build(work: Path) -> tuple[str, dict]:
             step["limit_s"] = int(running[2])
         else:
             step["status"] = "not run"
-        step["detail"] = step_detail(work, name, kind, args) if step["status"] != "not run" else ""
+        idle = step["status"] in ("not run", "skipped")
+        step["detail"] = "" if idle else step_detail(work, name, kind, args)
         steps.append(step)
 
     bad = [s for s in steps if s["status"] in ("failed", "timeout", "killed")]
