@@ -9,7 +9,10 @@
 #   carry/data/  case A's CT and reference labels (2.3 MB), the layout of the data folder;
 #                gpu_check.sh points FASTCASCADE_DATA there when it is set to nothing else
 #
-# Then, on the GPU machine: benchmarks/gpu_check.sh --area all "$OUT".
+# Then, on the GPU machine (both folders carried along; what comes back from it is OUTDIR's
+# two files, gpu_check.tar.gz and gpu_check_summary.md):
+#
+#   benchmarks/gpu_check.sh --area all --quick --budget 540 "$OUT"
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -17,6 +20,7 @@ DATA="${1:-${FASTCASCADE_DATA:-$ROOT/../shared/data}}"
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 )}"
 
 mkdir -p wheels
+rm -f wheels/nibabel-*.whl  # one version of each: two would stop the install there
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform any --dest wheels nibabel
 echo "wheels/: $(ls wheels | tr '\n' ' ')"
@@ -29,4 +33,6 @@ if [ -f "$CASE_A/example_ct.nii.gz" ]; then
 else
   echo "no case A under $DATA: the GPU run will use phantoms only"
 fi
-echo "carry: [\"wheels\", \"carry\"]"
+echo "carry: [\"wheels\", \"carry\"] ($(du -shc wheels carry 2> /dev/null | tail -1 | cut -f1))"
+echo "then: benchmarks/gpu_check.sh --area all --quick --budget 540 \"\$OUT\""
+benchmarks/gpu_check.sh --area all --quick --plan

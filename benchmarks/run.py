@@ -5,7 +5,8 @@ the parsed arguments and a :class:`Recorder`. Benchmarks report, they never asse
 record holds the op, shape, dtype, provider, median and 20/80 percentiles, derived
 throughput, peak memory, and the run's device, library versions and git commit. Results
 are rewritten to ``DIR/<area>.json`` after every record (an interrupted run keeps its data)
-and summarised in ``DIR/<area>.md``.
+and summarised in ``DIR/<area>.md``, and in a short table ``DIR/<area>.short.md`` (the area
+module's ``summarize``).
 
 ``--cpu`` runs the same code paths on tiny inputs on the CPU (Triton kernels in the
 interpreter) to prove the scripts work; its times mean nothing.
@@ -34,6 +35,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "morphology": ("bench_morphology", "run_morphology"),
     "dilate": ("bench_dilate", "run_dilate"),
     "stitch": ("bench_stitch", "run_stitch"),
+    "warp": ("bench_warp", "run_warp"),
     "passes": ("bench_passes", "run_passes"),
     "host": ("bench_host", "run_host"),
 }
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{args.area}] {meta['device']} · torch {meta['torch']} · triton {meta['triton']}")
     getattr(module, function_name)(args, recorder)
     print(f"[{args.area}] results: {recorder.path}")
+    if hasattr(module, "summarize"):  # the short table gpu_check.sh's summary shows
+        short = f"## {args.area} on {meta['device']} ({recorder.path.name})\n\n"
+        short += module.summarize(recorder.data)
+        common.write_atomic(recorder.path.with_suffix(".short.md"), short)
     return 0
 
 

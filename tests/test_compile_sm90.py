@@ -1,5 +1,5 @@
-"""Compile the conv-BN-ReLU, dilation and stitching kernels for sm_90 (H100) without a GPU and
-check their resources.
+"""Compile the conv-BN-ReLU, dilation, stitching and warp kernels for sm_90 (H100) without a
+GPU and check their resources.
 
 Runs only with ``FASTCASCADE_TEST_COMPILE=1`` (a separate pytest process, where
 ``TRITON_INTERPRET`` is off: the interpreter and the compiler cannot share a process). Each
@@ -13,6 +13,7 @@ registers and spills, the kernel's metadata its shared memory. Uses only API tha
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -478,3 +479,110 @@ def test_stitch_kernel_compiles_for_sm90(variant, tmp_path, capsys):
         assert not atomics
         # IEEE division, as PyTorch divides (Triton's "/" would give div.full, 2 ulp).
         assert ("div.rn.f32" in ptx) == variant.probs
+
+
+# -- the warp kernel (fastcascade/ops/warp.py) -----------------------------------------------------
+WARP_POINTER_TYPES = {"fp32": "*fp32", "bf16": "*bf16", "u8": "*u8", "i64": "*i64"}
+
+
+@dataclass(frozen=True)
+class WarpVariant:
+    mode: str  # "coords" (given positions), "fused" (rotation + B-spline), "rigid" (rotation)
+    shape: tuple[int, int, int]
+    image: str = "fp32"
+    labels: str | None = "u8"
+
+    def __str__(self) -> str:
+        size = "x".join(map(str, self.shape))
+        return f"{self.mode}-{size}-{self.image}-{self.labels or 'nolabels'}"
+
+
+WARP_VARIANTS = [
+    WarpVariant("fused", (256, 256, 256)),  # training: rotation + elastic, image + labels
+    WarpVariant("coords", (256, 256, 256)),
+    WarpVariant("fused", (132, 132, 116), labels="i64"),  # the paper's tile, unaligned rows
+    WarpVariant("fused", (256, 256, 150)),
+    WarpVariant("rigid", (256, 256, 256), image="bf16", labels=None),
+    WarpVariant("fused", (1300, 1300, 1300)),  # past 2^31 voxels: int64 offsets
+    WarpVariant("coords", (1300, 1300, 1300)),
+]
+
+
+def compile_warp_variant(v: WarpVariant):
+    """Compile the warp kernel for sm_90 with the launcher's constants and the argument
+    specialisation Triton applies at run time; returns ``(compiled, int64)``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastcascade.ops import warp
+
+    tile = warp._tile(v.shape)
+    grid = warp.control_grid_shape(v.shape, 32)
+    int64 = warp._needs_int64(v.shape, v.shape, tile)
+    tiles = [-(-n // b) for n, b in zip(v.shape, tile, strict=True)]
+    n = math.prod(v.shape)
+    ints = dict(zip(("X", "Y", "Z"), v.shape, strict=True))
+    ints |= dict(zip(("OX", "OY", "OZ"), v.shape, strict=True))
+    ints |= {"C": 1, "GY": grid[1], "GZ": grid[2], "n_in": n, "n_out": n}
+    ints |= {"n_ctrl": math.prod(grid), "tiles_y": tiles[1], "tiles_z": tiles[2], "label_fill": 0}
+    constexprs = {
+        "HAS_LABELS": v.labels is not None,
+        "HAS_COORDS": v.mode == "coords",
+        "HAS_ELASTIC": v.mode == "fused",
+        "INT64": int64,
+        **dict(zip(("BX", "BY", "BZ"), tile, strict=True)),
+    }
+    pointers = {"img_ptr": v.image, "out_img_ptr": v.image}
+    pointers |= {"lab_ptr": v.labels or "u8", "out_lab_ptr": v.labels or "u8"}
+    kernel = warp._warp_kernel
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = WARP_POINTER_TYPES[pointers.get(name, "fp32")]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("inv_spacing", "fill_value"):
+            signature[name] = "fp32"
+        elif ints[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i64" if ints[name] > 2**31 - 1 else "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    options = {"num_warps": warp._NUM_WARPS}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), int64
+
+
+@pytest.mark.parametrize("variant", WARP_VARIANTS, ids=str)
+def test_warp_kernel_compiles_for_sm90(variant, tmp_path, capsys):
+    compiled, int64 = compile_warp_variant(variant)
+    assert compiled.asm["cubin"], "no cubin produced"
+    assert int64 == (math.prod(variant.shape) > 2**31 - 1)
+    r = resource_report(compiled, tmp_path)
+    ptx = compiled.asm["ptx"]
+    divisions = len(re.findall(r"\b(?:div|rem)\.[su]64", ptx))
+    vector = len(re.findall(r"(?:ld|st)\.global(?:\.\w+)*\.v[24]", ptx))
+    with capsys.disabled():
+        print(
+            f"\n[sm_90] warp {str(variant):<36}{' int64' if int64 else ' int32'}: regs "
+            f"{r.get('registers', '?'):>3}  spills {r.get('spill_stores', '?')}/"
+            f"{r.get('spill_loads', '?')} B  64-bit div/rem {divisions}  vector accesses {vector}",
+            end="",
+        )
+    assert r["shared_bytes"] <= SM90_SHARED_LIMIT
+    if "registers" in r:
+        assert r["registers"] <= 255
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, "the kernel spills"
+        # At most 128 registers per thread keeps two blocks of 8 warps on each SM: the
+        # gathers need warps in flight.
+        assert r["registers"] <= 128
+    if not int64:
+        # Voxel indices come from the tile's axes, not from dividing a flat index.
+        assert divisions == 0, "64-bit division in the int32 variant"
+    if variant.mode == "coords" and variant.shape[2] % 16 == 0:
+        # Aligned rows: each thread reads its voxels' positions as one vector (2 voxels
+        # per thread with 8 warps: 8 bytes).
+        assert re.search(r"ld\.global(?:\.\w+)*\.v[24]", ptx), "positions not vectorised"

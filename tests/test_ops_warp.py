@@ -8,7 +8,6 @@ shifts for integer translations.
 """
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -428,48 +427,221 @@ def test_elastic_affine_warp_torch_path_matches_scipy():
     assert math.isclose(away.mean(), 1.0, abs_tol=0.01)
 
 
-# ----------------------------------------------------------------------------------------
-# sm_90 compile check (separate pytest run without TRITON_INTERPRET, see conftest.py)
-# ----------------------------------------------------------------------------------------
-
-COMPILE_VARIANTS = {
-    "coords-fp32-u8": ("fp32", "u8", dict(HAS_LABELS=True, HAS_COORDS=True, HAS_ELASTIC=False)),
-    "fused-fp32-i64": ("fp32", "i64", dict(HAS_LABELS=True, HAS_COORDS=False, HAS_ELASTIC=True)),
-    "rigid-bf16-nolabels": (
-        "bf16",
-        "i32",
-        dict(HAS_LABELS=False, HAS_COORDS=False, HAS_ELASTIC=False),
-    ),
-}
-
-
-@pytest.mark.compile
 @needs_triton
-@pytest.mark.parametrize(
-    "img_t,lab_t,flags", COMPILE_VARIANTS.values(), ids=COMPILE_VARIANTS.keys()
-)
-def test_warp_kernel_compiles_for_sm90(img_t, lab_t, flags):
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("compile checks run with FASTCASCADE_TEST_COMPILE=1 (interpreter off)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = warp_mod._warp_kernel
-    constexprs = {**flags, "BLOCK": warp_mod._BLOCK}
-    ptrs = {"img_ptr": img_t, "out_img_ptr": img_t, "lab_ptr": lab_t, "out_lab_ptr": lab_t}
-    floats = ("inv_spacing", "fill_value")
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + ptrs.get(name, "fp32")
-        else:
-            signature[name] = (
-                "fp32" if name in floats else ("i64" if name.startswith("n_") else "i32")
-            )
-    compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32)
+def test_tiles_across_every_axis_match_reference(monkeypatch):
+    # Small tiles, so that the volume spans several along every axis, partial ones
+    # included: the tile indexing, the masks of overhanging tiles and the per-row
+    # B-spline weights are exercised where the default tile would cover everything.
+    monkeypatch.setattr(warp_mod, "_TILE_VOXELS", 8)
+    monkeypatch.setattr(warp_mod, "_TILE_Z", 4)
+    shape, spacing = (1, 3, 9), 2
+    assert warp_mod._tile(shape) == (1, 2, 4)  # 1 x 2 x 3 tiles, partial in y and z
+    image, labels = ct_like(shape, channels=1)
+    g = torch.Generator().manual_seed(4)
+    ctrl = torch.rand((3, *control_grid_shape(shape, spacing)), generator=g) * 4.0 - 2.0
+    angles, shift = (3.0, -2.0, 4.0), (0.5, 0.25, -1.5)
+    coords = affine_coordinates(shape, angles, shift) + displacement_field(shape, ctrl, spacing)
+    out, out_lab = poisoned(image, labels, shape)
+    affine = warp_mod._affine_params(shape, angles, shift, image.device)
+    warp_mod._warp_triton(
+        image,
+        labels,
+        affine=affine,
+        control_displacements=ctrl,
+        grid_spacing=spacing,
+        out_image=out,
+        out_labels=out_lab,
     )
-    assert len(compiled.asm["cubin"]) > 0
+    want, want_lab = warp_ref(image, labels, coords)
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-2)
+    assert_labels_equal_away_from_ties(out_lab, want_lab, coords)
+    # Tiles several voxels wide along x (thin volumes), partial in x and z.
+    monkeypatch.setattr(warp_mod, "_TILE_Z", 2)
+    shape = (5, 1, 3)
+    assert warp_mod._tile(shape) == (4, 1, 2)
+    image, labels = ct_like(shape)
+    coords = jittered_coords(shape, 1.5)
+    out, out_lab = poisoned(image, labels, shape)
+    warp_mod._warp_triton(image, labels, coords=coords, out_image=out, out_labels=out_lab)
+    want, want_lab = warp_ref(image, labels, coords)
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-3)
+    assert torch.equal(out_lab, want_lab)
+
+
+@needs_triton
+def test_int64_offsets_give_the_int32_result():
+    # The int64 variant (volumes past 2^31 voxels) computes the same: forced on a small one.
+    shape, spacing = (5, 7, 3), 2
+    image, labels = ct_like(shape)
+    g = torch.Generator().manual_seed(8)
+    ctrl = torch.rand((3, *control_grid_shape(shape, spacing)), generator=g) * 4.0 - 2.0
+    affine = warp_mod._affine_params(shape, (4.0, -3.0, 5.0), (1.5, -0.75, 0.3), image.device)
+    coords = jittered_coords(shape, 2.5)
+    runs = {}
+    for int64 in (False, True):
+        fused = warp_mod._warp_triton(
+            image,
+            labels,
+            affine=affine,
+            control_displacements=ctrl,
+            grid_spacing=spacing,
+            out_image=poisoned(image, labels, shape)[0],
+            force_int64=int64,
+        )
+        sampled = warp_mod._warp_triton(image, labels, coords=coords, force_int64=int64)
+        runs[int64] = (*fused, *sampled)
+    for a, b in zip(runs[False], runs[True], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_int64_offsets_only_where_int32_could_overflow():
+    small = (512, 512, 512)  # 1.3e8 voxels
+    tile, big_tile = warp_mod._tile(small), warp_mod._tile((1300, 1300, 1300))
+    assert not warp_mod._needs_int64(small, small, tile)
+    big = (1300, 1300, 1300)  # 2.2e9 voxels: past 2^31 on input and output
+    assert warp_mod._needs_int64(big, big, big_tile)
+    # Only the output past 2^31 (sampling a small input on a large grid) ...
+    assert warp_mod._needs_int64(small, big, big_tile)
+    # ... or only the input (a small output cut from a large volume).
+    assert warp_mod._needs_int64(big, small, tile)
+    # Below 2^31 voxels, but positions clamped two voxels beyond the input are not.
+    n = 1288
+    assert n**3 < 2**31 - 1 < (n + 4) ** 3
+    assert warp_mod._needs_int64((n, n, n), (8, 8, 8), (8, 8, 8))
+    # The voxels of tiles that overhang the output count too.
+    assert 32786 * 65500 < 2**31 - 1 < 32792 * 65536
+    assert warp_mod._needs_int64((8, 8, 8), (1, 32786, 65500), (1, 8, 64))
+    assert not warp_mod._needs_int64((8, 8, 8), (1, 32000, 65500), (1, 8, 64))
+
+
+def test_a_control_grid_too_fine_for_int32_indices_is_refused():
+    image = torch.zeros((1, 4, 4, 4))
+    shape = (4, 4, 4)
+    tile = warp_mod._tile(shape)
+    warp_mod._check_control_indices(shape, tile, control_grid_shape(shape, 0.5), 0.5)
+    with pytest.raises(ValueError, match="too fine"):
+        warp_mod._check_control_indices((1300,) * 3, (1, 8, 64), (4, 4, 4), 0.5)
+    with pytest.raises(ValueError, match="too fine"):
+        warp_mod._warp_triton(
+            image,
+            None,
+            affine=warp_mod._affine_params(shape, (0, 0, 0), (0, 0, 0), "cpu"),
+            control_displacements=torch.zeros((3, 1300, 1300, 1300), device="meta"),
+            grid_spacing=1e-3,
+        )
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (5, 7, 3), (256, 256, 256), (256, 256, 150), (3, 1, 1000)], ids=str
+)
+def test_tile_is_small_and_at_most_the_volume(shape):
+    bx, by, bz = warp_mod._tile(shape)
+    for b in (bx, by, bz):
+        assert b >= 1 and b & (b - 1) == 0  # powers of two (tl.arange)
+    assert bx * by * bz <= warp_mod._TILE_VOXELS and bz <= warp_mod._TILE_Z
+    assert bx < 2 * shape[0] and by < 2 * shape[1] and bz < 2 * shape[2]
+
+
+# ----------------------------------------------------------------------------------------
+# GPU (opt-in: pytest -m gpu, with TRITON_INTERPRET=0); the sm_90 compile checks of the
+# kernel are in test_compile_sm90.py
+# ----------------------------------------------------------------------------------------
+
+
+def _needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if _backend.interpreter_on():
+        pytest.skip("run GPU tests with TRITON_INTERPRET=0 (the interpreter is on)")
+
+
+def paper_warp(shape, seed, device, spacing=32):
+    """The paper's augmentation at its bounds: rotations of 5 degrees, translations up to
+    20 voxels, control displacements up to 4 voxels every 32 voxels."""
+    g = torch.Generator().manual_seed(seed)
+    angles = tuple((torch.rand(3, generator=g) * 10.0 - 5.0).tolist())
+    shift = tuple((torch.rand(3, generator=g) * 40.0 - 20.0).tolist())
+    ctrl = torch.rand((3, *control_grid_shape(shape, spacing)), generator=g) * 8.0 - 4.0
+    return angles, shift, ctrl.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape", [(132, 132, 116), (256, 256, 150)], ids=["paper-tile", "half-res-512"]
+)
+def test_gpu_fused_warp_matches_reference_at_training_size(shape):
+    _needs_cuda()
+    image, labels = ct_like(shape, channels=1, seed=3)
+    image, labels = image.cuda(), labels.cuda()
+    angles, shift, ctrl = paper_warp(shape, 5, "cuda")
+    out, out_lab = poisoned(image, labels, shape)
+    out, out_lab = out.cuda(), out_lab.cuda()
+    affine = warp_mod._affine_params(shape, angles, shift, "cuda")
+    warp_mod._warp_triton(
+        image,
+        labels,
+        affine=affine,
+        control_displacements=ctrl,
+        out_image=out,
+        out_labels=out_lab,
+    )
+    # The reference: float32 positions (as the kernel), float64 interpolation.
+    coords = affine_coordinates(shape, angles, shift, device="cuda")
+    coords = coords + displacement_field(shape, ctrl, 32)
+    want, want_lab = warp_ref(image, labels, coords)
+    assert not out.isnan().any()
+    # Positions agree to float32 rounding at positions up to ~300 (a few 1e-5 voxels),
+    # times the noise image's gradients of up to 2000 HU per voxel
+    # (Emulated on the CPU: at most 0.04 HU, 1e-4 HU on average.)
+    err = (out - want).abs()
+    assert float(err.max()) < 0.5 and float(err.mean()) < 0.01, (err.max(), err.mean())
+    frac = coords - torch.floor(coords)
+    near_tie = ((frac - 0.5).abs() < 1e-3).any(dim=0)
+    assert near_tie.float().mean() < 0.01
+    assert torch.equal(out_lab[~near_tie], want_lab[~near_tie])
+    # "auto" on CUDA tensors is this kernel.
+    got = elastic_affine_warp(image, labels, angles, shift, ctrl)
+    assert torch.equal(got[0], out) and torch.equal(got[1], out_lab)
+
+
+@pytest.mark.gpu
+def test_gpu_sampled_warp_matches_reference_and_int64_agrees():
+    _needs_cuda()
+    shape = (96, 80, 112)
+    image, labels = ct_like(shape, channels=2, seed=6)
+    image, labels = image.cuda(), labels.long().cuda()
+    coords = jittered_coords(shape, 3.0).cuda()
+    out, out_lab = warp(image, labels, coords, backend="triton")
+    want, want_lab = warp_ref(image, labels, coords)
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-2)
+    assert_labels_equal_away_from_ties(out_lab, want_lab, coords)
+    wide = warp_mod._warp_triton(image, labels, coords=coords, force_int64=True)
+    assert torch.equal(wide[0], out) and torch.equal(wide[1], out_lab)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_int64_offsets_past_two_to_the_31():
+    _needs_cuda()
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:
+        pytest.skip("needs 20 GiB of free GPU memory")
+    n = 1300  # 2.2e9 voxels, an fp16 image and uint8 labels: 13 GiB in and out
+    shape = (n, n, n)
+    assert warp_mod._needs_int64(shape, shape, warp_mod._tile(shape))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    image = torch.randn((1, *shape), generator=g, device="cuda", dtype=torch.float16)
+    labels = torch.randint(1, 200, shape, generator=g, device="cuda", dtype=torch.uint8)
+    # An integer shift: every position is exact, so out[p] = in[p + shift] bit for bit.
+    shift = (-1, 2, 3)
+    out, out_lab = elastic_affine_warp(image, labels, (0, 0, 0), shift, fill_value=-7.0)
+    for lo in (n // 2, n - 40):  # the middle and the far corner (offsets past 2^31)
+        dst = (slice(lo, lo + 40), slice(lo, min(lo + 40, n - 2)), slice(lo, min(lo + 40, n - 3)))
+        src = tuple(slice(d.start + t, d.stop + t) for d, t in zip(dst, shift, strict=True))
+        assert torch.equal(out[(0, *dst)], image[(0, *src)])
+        assert torch.equal(out_lab[dst], labels[src])
+    # Positions beyond the input read the fill: x = 0 samples x = -1, the last two y rows
+    # and the last three z columns sample past the far faces.
+    for fill_region in ((0,), (slice(None), slice(n - 2, None)), (Ellipsis, slice(n - 3, None))):
+        assert bool((out[0][fill_region] == -7.0).all())
+        assert bool((out_lab[fill_region] == 0).all())

@@ -5,10 +5,12 @@ control grid every 32 voxels, displacements up to ±4 voxels), rotations of ±5�
 translations of ±20 voxels; the image is resampled trilinearly, the labels by nearest
 neighbour. This file holds that op:
 
-- ``_warp_kernel`` / ``_warp_triton``: one Triton pass per output voxel that computes its
-  sample position (given coordinates, or rotation + translation + B-spline field evaluated
-  in the kernel), samples every image channel trilinearly and the labels by nearest
-  neighbour.
+- ``_warp_kernel`` / ``_warp_triton``: one Triton pass over the output, in tiles of up
+  to 512 voxels, that computes each voxel's sample position (given coordinates, or
+  rotation + translation + B-spline field evaluated in the kernel, with the per-axis
+  B-spline weights and rotation terms computed once per row of the tile), samples every
+  image channel trilinearly and the labels by nearest neighbour. Offsets are int32, or
+  int64 for volumes of 2^31 voxels or more.
 - ``control_grid_shape``, ``displacement_field``, ``affine_coordinates``: the sample
   positions in plain PyTorch.
 - ``warp_ref``: the plain PyTorch resampling (``grid_sample`` for the image, a gather for
@@ -52,7 +54,56 @@ __all__ = [
     "warp_ref",
 ]
 
-_BLOCK = 512  # output voxels per program; also keeps interpreter runs of <= 8^3 to one program
+_TILE_VOXELS = 512  # output voxels per program (a BX x BY x BZ tile)
+_TILE_Z = 64  # at most this many along z: 256-byte rows of fp32, coalesced
+_INT32_LIMIT = 2**31 - 1
+_NUM_WARPS = 8  # 2 voxels per thread: 80 registers or fewer on sm_90 (Triton 3.6) where 4
+# warps need up to 136; benchmarks/bench_warp.py times 4 against it
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _tile(out_shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(BX, BY, BZ)``: a tile of at most ``_TILE_VOXELS`` output voxels, z first (the
+    contiguous axis), then y, then x; no wider than the volume along any axis, so that a
+    small volume (the interpreter's tests) is one program."""
+    ox, oy, oz = out_shape
+    bz = min(_TILE_Z, _pow2_at_least(oz))
+    by = min(_pow2_at_least(oy), _TILE_VOXELS // bz)
+    bx = min(_pow2_at_least(ox), _TILE_VOXELS // (bz * by))
+    return bx, by, bz
+
+
+def _padded(out_shape, tile) -> list[int]:
+    return [-(-n // b) * b for n, b in zip(out_shape, tile, strict=True)]
+
+
+def _needs_int64(in_shape, out_shape, tile) -> bool:
+    """Whether a voxel offset the kernel forms can pass 2^31 - 1 (then they are int64).
+
+    Offsets are formed per channel (channels advance a pointer), from positions clamped
+    to two voxels beyond the input, and for every voxel of the tiles, which may overhang
+    the output: the two bounds below.
+    """
+    largest_in = math.prod(n + 4 for n in in_shape)
+    largest_out = math.prod(_padded(out_shape, tile)) - 1
+    return max(largest_in, largest_out) > _INT32_LIMIT
+
+
+def _check_control_indices(out_shape, tile, grid_shape, grid_spacing: float) -> None:
+    """Control-point indices are int32: a grid whose indices (around the tiles' voxels,
+    four points beyond) could pass 2^31 - 1 is refused; it would hold over 24 GB."""
+    bound = math.prod(
+        max(g, math.ceil(n / grid_spacing)) + 8
+        for g, n in zip(grid_shape, _padded(out_shape, tile), strict=True)
+    )
+    if bound > _INT32_LIMIT:
+        raise ValueError(
+            f"a control grid of {tuple(grid_shape)} points (grid_spacing {grid_spacing} voxels "
+            f"over {tuple(out_shape)}) is too fine for the Triton kernel; use a larger spacing"
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -82,6 +133,7 @@ def _warp_kernel(
     X,
     Y,
     Z,
+    OX,
     OY,
     OZ,
     GY,
@@ -89,26 +141,44 @@ def _warp_kernel(
     n_in,  # X * Y * Z
     n_out,  # OX * OY * OZ
     n_ctrl,  # GX * GY * GZ
+    tiles_y,  # cdiv(OY, BY)
+    tiles_z,  # cdiv(OZ, BZ)
     inv_spacing,
     fill_value,
     label_fill,
     HAS_LABELS: tl.constexpr,
     HAS_COORDS: tl.constexpr,
     HAS_ELASTIC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    INT64: tl.constexpr,  # offsets in int64 (a volume past 2^31 voxels), else int32
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BZ: tl.constexpr,
 ):
+    # One BX x BY x BZ tile of output voxels per program. Along each axis the tile's
+    # positions are vectors of shape (BX,1,1), (1,BY,1), (1,1,BZ): whatever depends on
+    # one axis only (B-spline weights, control-cell indices, the rotation's terms) is
+    # computed once per row of the tile and broadcast, never per voxel, and the tile's
+    # voxel indices need no division.
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_out
-    k = offs % OZ
-    j = (offs // OZ) % OY
-    i = offs // OZ // OY
+    pz = pid % tiles_z
+    rest = pid // tiles_z
+    py = rest % tiles_y
+    px = rest // tiles_y
+    i = px * BX + tl.arange(0, BX)[:, None, None]
+    j = py * BY + tl.arange(0, BY)[None, :, None]
+    k = pz * BZ + tl.arange(0, BZ)[None, None, :]
+    if INT64:
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+        k = k.to(tl.int64)
+    mask = (i < OX) & (j < OY) & (k < OZ)
+    offs = (i * OY + j) * OZ + k
 
     # -- sample position of each output voxel ----------------------------------------
     if HAS_COORDS:
         qx = tl.load(coords_ptr + offs, mask=mask, other=0.0)
         qy = tl.load(coords_ptr + n_out + offs, mask=mask, other=0.0)
-        qz = tl.load(coords_ptr + 2 * n_out + offs, mask=mask, other=0.0)
+        qz = tl.load(coords_ptr + n_out + n_out + offs, mask=mask, other=0.0)
     else:
         fi = i.to(tl.float32)
         fj = j.to(tl.float32)
@@ -116,6 +186,7 @@ def _warp_kernel(
         dx = fi - tl.load(affine_ptr + 9)
         dy = fj - tl.load(affine_ptr + 10)
         dz = fk - tl.load(affine_ptr + 11)
+        # Products per row, sums per voxel, in affine_coordinates' order.
         qx = (
             tl.load(affine_ptr + 0) * dx
             + tl.load(affine_ptr + 1) * dy
@@ -146,24 +217,39 @@ def _warp_kernel(
             ux = tx - bx
             uy = ty - by
             uz = tz - bz
-            gx0 = bx.to(tl.int64) - 1
-            gy0 = by.to(tl.int64) - 1
-            gz0 = bz.to(tl.int64) - 1
-            ex = tl.zeros([BLOCK], dtype=tl.float32)
-            ey = tl.zeros([BLOCK], dtype=tl.float32)
-            ez = tl.zeros([BLOCK], dtype=tl.float32)
-            # Runtime loops: unrolling the 64 taps makes an 8x larger, slow-to-build kernel.
+            # Control-point indices stay int32 (the launcher checks the grid's size).
+            gx0 = bx.to(tl.int32) - 1
+            gy0 = by.to(tl.int32) - 1
+            gz0 = bz.to(tl.int32) - 1
+            # The z weights once per column of the tile; x and y weights once per row.
+            wz0 = _bspline_weight(uz + 1.0)
+            wz1 = _bspline_weight(uz)
+            wz2 = _bspline_weight(uz - 1.0)
+            wz3 = _bspline_weight(uz - 2.0)
+            ex = tl.zeros([BX, BY, BZ], dtype=tl.float32)
+            ey = tl.zeros([BX, BY, BZ], dtype=tl.float32)
+            ez = tl.zeros([BX, BY, BZ], dtype=tl.float32)
+            # Runtime loops over x and y taps, the four z taps unrolled: unrolling all 64
+            # makes a much larger kernel that is slow to build.
             for ta in range(4):
                 wa = _bspline_weight(ux + 1.0 - ta)
+                plane = (gx0 + ta) * GY
                 for tb in range(4):
                     wab = wa * _bspline_weight(uy + 1.0 - tb)
-                    row = ((gx0 + ta) * GY + (gy0 + tb)) * GZ + gz0
-                    for tc in range(4):
-                        w = wab * _bspline_weight(uz + 1.0 - tc)
+                    row = (plane + gy0 + tb) * GZ + gz0
+                    for tc in tl.static_range(4):
+                        if tc == 0:
+                            w = wab * wz0
+                        elif tc == 1:
+                            w = wab * wz1
+                        elif tc == 2:
+                            w = wab * wz2
+                        else:
+                            w = wab * wz3
                         idx = row + tc
                         ex += w * tl.load(ctrl_ptr + idx, mask=mask, other=0.0)
                         ey += w * tl.load(ctrl_ptr + n_ctrl + idx, mask=mask, other=0.0)
-                        ez += w * tl.load(ctrl_ptr + 2 * n_ctrl + idx, mask=mask, other=0.0)
+                        ez += w * tl.load(ctrl_ptr + n_ctrl + n_ctrl + idx, mask=mask, other=0.0)
             qx += ex
             qy += ey
             qz += ez
@@ -179,15 +265,15 @@ def _warp_kernel(
     fx = qx - x0f  # exact in fp32
     fy = qy - y0f
     fz = qz - z0f
-    x0 = x0f.to(tl.int64)
-    y0 = y0f.to(tl.int64)
-    z0 = z0f.to(tl.int64)
+    x0 = x0f.to(offs.dtype)
+    y0 = y0f.to(offs.dtype)
+    z0 = z0f.to(offs.dtype)
 
     # -- image: trilinear, corners outside read the fill -----------------------------
     src_ch = img_ptr
     dst_ch = out_img_ptr + offs
     for _ in range(C):
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BX, BY, BZ], dtype=tl.float32)
         for a in tl.static_range(2):
             xa = x0 + a
             if a == 0:
@@ -218,9 +304,9 @@ def _warp_kernel(
 
     # -- labels: nearest, rounding half up -------------------------------------------
     if HAS_LABELS:
-        lx = x0 + (fx >= 0.5).to(tl.int64)
-        ly = y0 + (fy >= 0.5).to(tl.int64)
-        lz = z0 + (fz >= 0.5).to(tl.int64)
+        lx = x0 + (fx >= 0.5).to(offs.dtype)
+        ly = y0 + (fy >= 0.5).to(offs.dtype)
+        lz = z0 + (fz >= 0.5).to(offs.dtype)
         ok = mask & (lx >= 0) & (lx < X) & (ly >= 0) & (ly < Y) & (lz >= 0) & (lz < Z)
         lab = tl.load(lab_ptr + (lx * Y + ly) * Z + lz, mask=ok, other=label_fill)
         tl.store(out_lab_ptr + offs, lab, mask=mask)
@@ -238,12 +324,15 @@ def _warp_triton(
     label_fill: int = 0,
     out_image: torch.Tensor | None = None,
     out_labels: torch.Tensor | None = None,
+    force_int64: bool = False,
+    num_warps: int = _NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch ``_warp_kernel``; inputs are validated by the public functions.
 
     Either ``coords`` ``(3, OX, OY, OZ)`` or ``affine`` (15 float32, see
     ``_affine_params``) with an optional control grid. ``out_image`` / ``out_labels``
-    let tests hand in poisoned buffers.
+    let tests hand in poisoned buffers; ``force_int64`` lets them run the int64-offset
+    variant on a small volume; ``num_warps`` lets the benchmark compare launch shapes.
     """
     image = image.contiguous()
     device = image.device
@@ -263,8 +352,12 @@ def _warp_triton(
     has_elastic = control_displacements is not None
     ctrl = control_displacements.to(torch.float32).contiguous() if has_elastic else dummy
     gshape = tuple(ctrl.shape[1:]) if has_elastic else (1, 1, 1)
-    n_out = math.prod(out_shape)
-    _warp_kernel[(triton.cdiv(n_out, _BLOCK),)](
+    bx, by, bz = tile = _tile(out_shape)
+    tiles = [-(-n // b) for n, b in zip(out_shape, tile, strict=True)]
+    if has_elastic:
+        _check_control_indices(out_shape, tile, gshape, grid_spacing)
+    int64 = force_int64 or _needs_int64(image.shape[1:], out_shape, tile)
+    _warp_kernel[(math.prod(tiles),)](
         image,
         labels if has_labels else dummy,
         out_image,
@@ -274,18 +367,24 @@ def _warp_triton(
         ctrl,
         image.shape[0],
         *image.shape[1:],
-        *out_shape[1:],
+        *out_shape,
         *gshape[1:],
         math.prod(image.shape[1:]),
-        n_out,
+        math.prod(out_shape),
         math.prod(gshape),
+        tiles[1],
+        tiles[2],
         1.0 / float(grid_spacing),
         float(fill_value),
         int(label_fill),
         HAS_LABELS=has_labels,
         HAS_COORDS=coords is not None,
         HAS_ELASTIC=has_elastic,
-        BLOCK=_BLOCK,
+        INT64=int64,
+        BX=bx,
+        BY=by,
+        BZ=bz,
+        num_warps=num_warps,
     )
     return out_image, (out_labels if has_labels else None)
 
