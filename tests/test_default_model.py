@@ -6,6 +6,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import DATA_DIR
 
 import fastcascade
 from fastcascade.api import DEFAULT_MODEL
@@ -13,8 +14,6 @@ from fastcascade.config import CLASS_NAMES
 from fastcascade.demo import case_a_reference
 from fastcascade.evaluate import dice
 from fastcascade.model.checkpoint import load_cascade
-
-from conftest import DATA_DIR
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_MODEL.exists(), reason="the embedded default model is not in this checkout"
