@@ -40,7 +40,9 @@ class SegmentationResult:
     path, image and array inputs, a tensor on the input's device for tensor inputs.
     ``probabilities``: float32 ``(C, x, y, z)`` likewise, when asked for. ``timings`` in
     seconds per step; ``tiles[stage] = (computed, total)``. ``source``: the scan's file
-    for path inputs, which :meth:`save` refuses to overwrite.
+    (or DICOM folder or zip) for path inputs, which :meth:`save` refuses to overwrite or
+    write into. ``dicom``: the ``io.dicom.DicomSeries`` of a DICOM input (its labels can
+    be saved as a DICOM SEG referencing it), else ``None``.
     """
 
     labels: np.ndarray | torch.Tensor
@@ -53,6 +55,7 @@ class SegmentationResult:
     c2_fraction: float = 0.0
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)
     source: Path | None = None
+    dicom: Any = None
 
     def save(
         self,
@@ -61,6 +64,7 @@ class SegmentationResult:
         probabilities_dtype: str = "float32",
         *,
         marker: Mapping[str, Any] | None = None,
+        dicom_seg=None,
     ) -> list[Path]:
         """Write the labels (and probabilities) as NIfTI on the input's grid, each with a
         JSON of label names beside it; never onto the input scan. Returns the paths.
@@ -72,6 +76,9 @@ class SegmentationResult:
         outputs' names; an old marker is removed before the first file moves (and kept if
         writing fails, the old files with it), so a marker always describes the files
         beside it.
+
+        ``dicom_seg``: also write the labels as a DICOM SEG referencing the input series
+        (only for a DICOM input; ``io.dicom_seg``), with the other files, all or nothing.
         """
         from .io.atomic import atomic_write
         from .io.nifti import (
@@ -102,14 +109,26 @@ class SegmentationResult:
             header=self.header,
             input_path=self.source,
         )
+        if dicom_seg is not None:
+            from . import __version__
+            from .io.dicom_seg import seg_output
+
+            if self.dicom is None:
+                raise ValueError("a DICOM SEG needs a DICOM series as the input; this was not one")
+            outputs.append(
+                seg_output(dicom_seg, self.labels, self.class_names, self.dicom, __version__)
+            )
         outputs += label_files  # the label file last
         paths = [p for p, _ in outputs]
         if len(set(map(str, paths))) != len(paths):
             raise ValueError(f"two outputs would share one file name: {[str(p) for p in paths]}")
         record = None
         if marker is not None:
+            series = {} if self.dicom is None else {"series": self.dicom.uid}
             record = json.dumps(
-                {**dict(marker), "outputs": [p.name for p in paths]}, indent=1, sort_keys=True
+                {**dict(marker), **series, "outputs": [p.name for p in paths]},
+                indent=1,
+                sort_keys=True,
             )
             done = completion_marker_path(path)
         # the old marker goes once the new files are written, before they move into place
@@ -214,6 +233,7 @@ class Predictor:
         *,
         spacing=None,
         affine=None,
+        series: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         **overrides: Any,
     ) -> SegmentationResult:
@@ -223,7 +243,9 @@ class Predictor:
         """
         t0 = time.perf_counter()
         options = build_options(options, overrides, self.options)
-        scan = load_scan(volume, spacing=spacing, affine=affine, hu_check=options.hu_check)
+        scan = load_scan(
+            volume, spacing=spacing, affine=affine, hu_check=options.hu_check, series=series
+        )
         keep_tensor = isinstance(volume, torch.Tensor)
         if keep_tensor and scan.data.device != self.device:
             self.to(scan.data.device)  # a tensor input decides the device
@@ -250,6 +272,7 @@ class Predictor:
             c2_fraction=out.c2_fraction,
             tiles=out.tiles,
             source=scan.path,
+            dicom=scan.dicom,
         )
 
 
@@ -291,6 +314,7 @@ def segment(
     *,
     spacing=None,
     affine=None,
+    series: str | None = None,
     model=None,
     device="auto",
     progress: Callable[[str, int, int], None] | None = None,
@@ -298,12 +322,14 @@ def segment(
 ) -> SegmentationResult:
     """Segment the organs and vessels of an abdominal CT.
 
-    ``volume``: a path to a NIfTI file, a nibabel image, or a NumPy array / torch tensor
-    of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``. ``model``: a
+    ``volume``: a path to a NIfTI, NRRD or MetaImage file or to a folder or ``.zip`` of one
+    DICOM CT series (``series``: the SeriesInstanceUID to read where it holds several; these
+    need ``pip install 'fastcascade[dicom]'``), a nibabel image, or a NumPy array / torch
+    tensor of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``. ``model``: a
     :class:`Predictor`, a path to a saved cascade, or ``None`` for the embedded default
-    model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else
-    the CPU), ``"cpu"``, ``"cuda"``… ``progress(stage, done, total)`` is called after each
-    batch of tiles.
+    model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else the
+    CPU), ``"cpu"``, ``"cuda"``… ``progress(stage, done, total)`` is called after each batch
+    of tiles.
 
     How to run is one :class:`~fastcascade.options.InferenceOptions` (``options``, or the
     model's defaults) with keyword ``overrides`` of its fields on top, built once:
@@ -326,5 +352,11 @@ def segment(
     else:
         predictor = load_model(model, device=resolve_device(device, volume))
     return predictor.segment(
-        volume, options, spacing=spacing, affine=affine, progress=progress, **overrides
+        volume,
+        options,
+        spacing=spacing,
+        affine=affine,
+        series=series,
+        progress=progress,
+        **overrides,
     )

@@ -1,6 +1,7 @@
 """``fastcascade segment INPUT -o OUTPUT``: labels (and probabilities) for one CT scan.
 
 $ fastcascade segment ct.nii.gz -o seg.nii.gz --probabilities probs.nii.gz
+$ fastcascade segment dicom_folder/ -o seg.nii.gz --dicom-seg seg.dcm
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``segment`` to the ``fastcascade`` command's subparsers."""
     p = sub.add_parser(
         "segment",
-        help="segment a CT scan (NIfTI) into organ labels",
-        description="Segment INPUT (a .nii/.nii.gz CT in HU) and write the labels on its "
-        "own grid, with a JSON of label names beside them.",
+        help="segment a CT scan (NIfTI, NRRD, MetaImage or DICOM) into organ labels",
+        description="Segment INPUT (a CT: .nii/.nii.gz, .nrrd, .mha/.mhd, or a folder or "
+        ".zip holding one DICOM series) and write the labels on its own grid, with a JSON "
+        "of label names beside them.",
     )
-    p.add_argument("input", metavar="INPUT", type=Path, help="CT scan, .nii or .nii.gz")
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        type=Path,
+        help="CT scan: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, or a folder or .zip of one "
+        "DICOM CT series (NRRD, MetaImage and DICOM need pip install 'fastcascade[dicom]')",
+    )
     p.add_argument("-o", "--output", required=True, type=Path, help="label file (.nii or .nii.gz)")
     p.add_argument("--model", default=None, help="saved cascade (default: the embedded model)")
     p.add_argument(
@@ -57,13 +65,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="refuse a scan whose intensities do not look like HU instead of warning",
     )
+    dicom = p.add_argument_group("DICOM")
+    dicom.add_argument(
+        "--series",
+        metavar="UID",
+        default=None,
+        help="the SeriesInstanceUID to read where INPUT holds several series (the error "
+        "without it lists them)",
+    )
+    dicom.add_argument(
+        "--dicom-seg",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="also write the labels as a DICOM SEG object referencing INPUT's series "
+        "(DICOM input only)",
+    )
     p.set_defaults(func=_cmd_segment, parser=p)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     import fastcascade  # segment() looked up at call time (tests replace it)
 
-    from ..io.atomic import output_folders, same_file
+    from ..io.atomic import inside, output_folders, same_file
+    from ..io.dicom import is_dicom_input
     from ..io.nifti import completion_marker_path, label_names_path
 
     if args.fp16_probabilities and args.probabilities is None:
@@ -75,7 +100,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 f"input scan {source} is a symbolic link to nothing (broken or a loop)"
             )
         raise FileNotFoundError(f"input scan {source} does not exist")
+    if args.dicom_seg is not None and not is_dicom_input(source):
+        raise ValueError(
+            f"--dicom-seg references the input's DICOM series, and {source} is not one "
+            "(expected a folder or .zip of a DICOM series)"
+        )
     outputs = [args.output, label_names_path(args.output)]
+    if args.dicom_seg is not None:
+        outputs.append(args.dicom_seg)
     if args.probabilities is not None:
         outputs += [args.probabilities, label_names_path(args.probabilities)]
         if same_file(args.probabilities, args.output):
@@ -84,6 +116,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     for out in outputs:  # checked before the work, and again by the writers
         if same_file(out, source):
             raise ValueError(f"refusing to write {out}: it is the input scan")
+        if inside(out, source):
+            raise ValueError(f"refusing to write {out}: it is inside the input folder {source}")
         if out.is_dir():
             raise IsADirectoryError(f"{out} is a folder; expected a file name")
     existing = [str(p) for p in outputs if p.exists()]
@@ -98,6 +132,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         hu_check="error" if args.strict else "warn",
     )
+    if args.series is not None:
+        options["series"] = args.series
     with output_folders({p.parent for p in outputs}):
         progress = _TileProgress(disable=args.quiet)
         try:
@@ -117,6 +153,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             args.probabilities,
             "float16" if args.fp16_probabilities else "float32",
             marker=_marker(args, source, options),
+            dicom_seg=args.dicom_seg,
         )
     if not args.quiet:
         timings = {**result.timings, "write": time.perf_counter() - t0}
@@ -129,18 +166,28 @@ def _marker(args: argparse.Namespace, source: Path, options: dict) -> dict:
     options and the package's version; a re-run with the same record has nothing to do."""
     from .env import package_version
 
-    stat = source.stat()
     return {
         "format": "fastcascade-segment",
         "version": package_version(),
-        "input": {
-            "path": str(source.resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-        },
+        "input": _input_record(source),
         "model": "default" if args.model is None else str(Path(args.model).resolve()),
         "options": {**options, "fp16_probabilities": args.fp16_probabilities},
         "device": args.device,
+    }
+
+
+def _input_record(source: Path) -> dict:
+    """The input as it was read: path, bytes and latest modification; for a folder, over
+    all its files (a folder's own time misses a file rewritten in place)."""
+    if not source.is_dir():
+        stat = source.stat()
+        return {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stats = [p.stat() for p in sorted(source.rglob("*")) if p.is_file()]
+    return {
+        "path": str(source.resolve()),
+        "files": len(stats),
+        "size": sum(s.st_size for s in stats),
+        "mtime_ns": max((s.st_mtime_ns for s in stats), default=source.stat().st_mtime_ns),
     }
 
 
