@@ -70,7 +70,6 @@ def write_series(
     ``positions`` gives them, with ``slopes[k]`` / ``intercepts[k]`` (default 1 / -1024).
     ``pixel_spacing`` is DICOM's (between rows, between columns). ``names[k]``: file
     name of slice ``k`` (default ``k``'s number). Returns the paths in slice order."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -112,7 +111,7 @@ def write_series(
         ds.RescaleSlope, ds.RescaleIntercept = f"{slopes[k]:g}", f"{intercepts[k]:g}"
         ds.PixelData = np.ascontiguousarray(stored[k], dtype="<i2").tobytes()
         path = folder / (names[k] if names is not None else f"{k + 1:03d}.dcm")
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        _write(ds, path)
         paths.append(path)
     return paths
 
@@ -129,7 +128,6 @@ def ct_stored(shape=(5, 6, 7), seed=0) -> np.ndarray:
 
 def write_rtstruct(path: Path, study_uid: str | None = None) -> Path:
     """A minimal RT Structure Set object (no pixel data) of a series of its own."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -145,8 +143,19 @@ def write_rtstruct(path: Path, study_uid: str | None = None) -> Path:
     ds.SeriesDescription = "contours"
     ds.StructureSetLabel = "organs"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    _write(ds, path)
     return path
+
+
+def _write(ds, path: Path) -> None:
+    """Save ``ds`` as a DICOM file (preamble, file meta) with pydicom 2 or 3."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    else:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        pydicom.dcmwrite(path, ds, write_like_original=False)
 
 
 def copy_renamed(src: Path, dst: Path, names: dict[str, str]) -> Path:
