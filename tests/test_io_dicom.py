@@ -226,7 +226,8 @@ def test_missing_slice_is_refused_naming_the_gap(tmp_path):
     paths[3].unlink()
     with pytest.raises(
         ValueError,
-        match=r"gap of 3 mm between 003\.dcm and 005\.dcm.*1\.5 mm apart, about 1 slice\(s\) missing",
+        match=r"gap of 3 mm between 003\.dcm and 005\.dcm.*1\.5 mm apart, about 1 slice\(s\)"
+        " missing",
     ):
         load_scan(tmp_path / "s")
 

@@ -84,10 +84,13 @@ def image_geometry(image) -> np.ndarray:
 
 
 def image_array(image) -> np.ndarray:
-    """The voxels of a ``SimpleITK.Image`` as a new float32 array indexed ``(i, j, k)``."""
+    """The voxels of a ``SimpleITK.Image`` as a new float32 array indexed ``(i, j, k)``.
+
+    It is Fortran-ordered (``i`` varies fastest), as nibabel's NIfTI arrays are: a copy of
+    SimpleITK's ``(k, j, i)`` buffer, transposed as a view (reordering the bytes into C
+    order would take seconds for a clinical scan)."""
     sitk = require("SimpleITK", "reading this image")
-    view = sitk.GetArrayViewFromImage(image)  # (k, j, i) or (t, k, j, i)
-    return np.ascontiguousarray(view.T, dtype=np.float32)
+    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False).T
 
 
 def read_image(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
