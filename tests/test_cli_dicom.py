@@ -277,3 +277,14 @@ def test_dicom_end_to_end_matches_nifti(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(got.dataobj)[::-1, ::-1, :], reference)
     np.testing.assert_allclose(got.affine, series.affine, atol=1e-9)
     assert seg.stat().st_size > 0
+
+
+def test_env_reports_the_dicom_extra(capsys):
+    import highdicom
+    import pydicom
+    import SimpleITK
+
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    for name, module in (("SimpleITK", SimpleITK), ("pydicom", pydicom), ("highdicom", highdicom)):
+        assert f"{name:<11} {module.__version__}" in out

@@ -254,6 +254,30 @@ def test_small_rounding_of_positions_is_accepted(tmp_path):
     assert series.affine[2, 2] == pytest.approx(2.0, abs=0.01)
 
 
+def test_single_slice_takes_its_thickness_from_the_header(tmp_path):
+    stored = ct_stored((1, 4, 5))
+    write_series(tmp_path / "s", stored, row=ROW, col=COL, step=2.5)
+    voxels, series = dicom.read_series(tmp_path / "s")
+    assert voxels.shape == (5, 4, 1)
+    np.testing.assert_allclose(np.linalg.norm(series.affine[:3, :3], axis=0), [0.7, 0.9, 2.5])
+    normal_ras = np.diag([-1.0, -1.0, 1.0]) @ np.cross(ROW, COL)
+    np.testing.assert_allclose(series.affine[:3, 2], normal_ras * 2.5, atol=1e-6)
+
+
+def test_reader_geometry_disagreeing_with_headers_is_refused(tmp_path, monkeypatch):
+    write_series(tmp_path / "s", ct_stored((3, 4, 4)), row=ROW, col=COL)
+    real = dicom.image_geometry
+
+    def shifted(image):
+        affine = real(image)
+        affine[:3, 3] += [0.0, 0.0, 0.01]  # 10 µm: more than the 1 µm allowed
+        return affine
+
+    monkeypatch.setattr(dicom, "image_geometry", shifted)
+    with pytest.raises(ValueError, match="refusing an ambiguous geometry"):
+        dicom.read_series(tmp_path / "s")
+
+
 def test_tilted_gantry_is_refused(tmp_path):
     positions = [(0.0, 0.5 * k, 2.0 * k) for k in range(4)]  # slices shift in-plane
     write_series(tmp_path / "s", ct_stored((4, 4, 4)), positions=positions)
