@@ -53,7 +53,9 @@ class SegmentationResult:
     path, image and array inputs, a tensor on the input's device for tensor inputs.
     ``probabilities``: float32 ``(C, x, y, z)`` likewise, when asked for. ``timings`` in
     seconds per step; ``tiles[stage] = (computed, total)``. ``source``: the scan's file
-    for path inputs, which :meth:`save` refuses to overwrite. ``selected``: the class ids
+    (or DICOM folder or zip) for path inputs, which :meth:`save` refuses to overwrite or
+    write into. ``dicom``: the ``io.dicom.DicomSeries`` of a DICOM input (its labels can
+    be saved as a DICOM SEG referencing it), else ``None``. ``selected``: the class ids
     :meth:`select` kept (``None``: every class). ``scan``: the input as read (its HU, in
     canonical orientation, on the CPU or the input tensor's device), kept for
     :meth:`statistics` and :meth:`preview`; set it to ``None`` to free that memory
@@ -77,6 +79,7 @@ class SegmentationResult:
     c2_fraction: float = 0.0
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)
     source: Path | None = None
+    dicom: Any = None
     selected: tuple[int, ...] | None = None
     scan: Scan | None = field(default=None, repr=False, compare=False)
 
@@ -226,6 +229,7 @@ class SegmentationResult:
         statistics=None,
         split=None,
         ct=None,
+        dicom_seg=None,
     ) -> list[Path]:
         """Write the labels (and what else is asked for) on the input's grid; never onto
         the input scan. Returns the paths written.
@@ -246,6 +250,9 @@ class SegmentationResult:
         outputs' paths relative to its folder; an old marker is removed before the first
         file moves (and kept if writing fails, the old files with it), so a marker always
         describes the files beside it.
+
+        ``dicom_seg``: also write the labels as a DICOM SEG referencing the input series
+        (only for a DICOM input; ``io.dicom_seg``), with the other files, all or nothing.
         """
         if probabilities_path is not None and self.probabilities is None:
             raise ValueError("no probabilities: call segment(..., probabilities=True)")
@@ -267,14 +274,24 @@ class SegmentationResult:
             outputs += self._statistics_outputs(statistics, ct)[0]
         if preview is not None:
             outputs += self._preview_outputs(preview, ct)[0]
-        outputs += labels_outputs(
+        label_files = labels_outputs(
             path,
             self.labels,
             self.affine,
             self.class_names,
             header=self.header,
             input_path=self.source,
-        )[0]  # the label file last
+        )[0]
+        if dicom_seg is not None:
+            from . import __version__
+            from .io.dicom_seg import seg_output
+
+            if self.dicom is None:
+                raise ValueError("a DICOM SEG needs a DICOM series as the input; this was not one")
+            outputs.append(
+                seg_output(dicom_seg, self.labels, self.class_names, self.dicom, __version__)
+            )
+        outputs += label_files  # the label file last
         paths = [p for p, _ in outputs]
         if len(set(map(_resolved, paths))) != len(paths):
             raise ValueError(f"two outputs would share one file name: {[str(p) for p in paths]}")
@@ -282,7 +299,10 @@ class SegmentationResult:
         if marker is not None:
             done = completion_marker_path(path)
             listed = [os.path.relpath(p, done.parent) for p in paths]
-            record = json.dumps({**dict(marker), "outputs": listed}, indent=1, sort_keys=True)
+            series = {} if self.dicom is None else {"series": self.dicom.uid}
+            record = json.dumps(
+                {**dict(marker), **series, "outputs": listed}, indent=1, sort_keys=True
+            )
         # the old marker goes once the new files are written, before they move into place
         unmark = None if record is None else lambda: done.unlink(missing_ok=True)
         with output_folders({p.parent for p in paths}):
@@ -394,6 +414,7 @@ class Predictor:
         *,
         spacing=None,
         affine=None,
+        series: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         **overrides: Any,
     ) -> SegmentationResult:
@@ -403,7 +424,9 @@ class Predictor:
         """
         t0 = time.perf_counter()
         options = build_options(options, overrides, self.options)
-        scan = load_scan(volume, spacing=spacing, affine=affine, hu_check=options.hu_check)
+        scan = load_scan(
+            volume, spacing=spacing, affine=affine, hu_check=options.hu_check, series=series
+        )
         keep_tensor = isinstance(volume, torch.Tensor)
         if keep_tensor and scan.data.device != self.device:
             self.to(scan.data.device)  # a tensor input decides the device
@@ -431,6 +454,7 @@ class Predictor:
             tiles=out.tiles,
             source=scan.path,
             scan=scan,
+            dicom=scan.dicom,
         )
 
 
@@ -472,6 +496,7 @@ def segment(
     *,
     spacing=None,
     affine=None,
+    series: str | None = None,
     model=None,
     device="auto",
     progress: Callable[[str, int, int], None] | None = None,
@@ -479,12 +504,14 @@ def segment(
 ) -> SegmentationResult:
     """Segment the organs and vessels of an abdominal CT.
 
-    ``volume``: a path to a NIfTI file, a nibabel image, or a NumPy array / torch tensor
-    of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``. ``model``: a
+    ``volume``: a path to a NIfTI, NRRD or MetaImage file or to a folder or ``.zip`` of one
+    DICOM CT series (``series``: the SeriesInstanceUID to read where it holds several; these
+    need ``pip install 'fastcascade[dicom]'``), a nibabel image, or a NumPy array / torch
+    tensor of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``. ``model``: a
     :class:`Predictor`, a path to a saved cascade, or ``None`` for the embedded default
-    model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else
-    the CPU), ``"cpu"``, ``"cuda"``… ``progress(stage, done, total)`` is called after each
-    batch of tiles.
+    model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else the
+    CPU), ``"cpu"``, ``"cuda"``… ``progress(stage, done, total)`` is called after each batch
+    of tiles.
 
     How to run is one :class:`~fastcascade.options.InferenceOptions` (``options``, or the
     model's defaults) with keyword ``overrides`` of its fields on top, built once:
@@ -507,5 +534,11 @@ def segment(
     else:
         predictor = load_model(model, device=resolve_device(device, volume))
     return predictor.segment(
-        volume, options, spacing=spacing, affine=affine, progress=progress, **overrides
+        volume,
+        options,
+        spacing=spacing,
+        affine=affine,
+        series=series,
+        progress=progress,
+        **overrides,
     )

@@ -11,8 +11,9 @@ call the library. Heavy modules (torch, the cascade) are imported inside the com
 functions, so building the parser stays cheap.
 
 User errors (``ValueError``, ``TypeError``, missing files, permissions) end with one line
-on stderr and exit status 2, without a traceback; other I/O errors (a full disk) and
-running out of memory (on the CPU or a GPU) end the same way with status 1. Anything else
+on stderr and exit status 2, without a traceback; other I/O errors (a full disk), a
+missing optional dependency (the message names the extra to install) and running out
+of memory (on the CPU or a GPU) end the same way with status 1. Anything else
 is a bug and keeps its traceback; ``fastcascade --debug COMMAND`` shows the traceback of
 every error.
 
@@ -84,6 +85,10 @@ def _known_error(e: Exception, command: str) -> tuple[int | None, str]:
     ``(None, "")`` for anything else (a bug: its traceback is shown)."""
     if isinstance(e, _USER_ERRORS):
         return 2, f"error: {e}"
+    from ..io.sitk import MissingDependencyError
+
+    if isinstance(e, MissingDependencyError):  # an optional extra not installed
+        return 1, f"error: {e}"
     if isinstance(e, OSError):  # disk full, I/O errors: the environment, not the input
         return 1, f"error: {e}"
     if isinstance(e, MemoryError) or _cpu_out_of_memory(e):

@@ -19,7 +19,16 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     print(f"fastcascade {package_version()}")
     print(f"python      {platform.python_version()} ({platform.platform()})")
-    for name in ("torch", "triton", "numpy", "scipy", "nibabel"):
+    for name in (
+        "torch",
+        "triton",
+        "numpy",
+        "scipy",
+        "nibabel",
+        "SimpleITK",
+        "pydicom",
+        "highdicom",
+    ):
         print(f"{name:<11} {_module_version(name)}")
     print(f"torch CUDA  {torch.version.cuda or 'none (CPU build)'}")
     if torch.cuda.is_available():

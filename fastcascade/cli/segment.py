@@ -1,10 +1,11 @@
 """``fastcascade segment INPUT -o OUTPUT``: labels (and probabilities, a preview,
-statistics, one mask per organ) for one CT scan.
+statistics, one mask per organ, a DICOM SEG) for one CT scan.
 
 The inference flags are in ``segment_options.py``, the outputs beyond the labels and
 probabilities in ``segment_outputs.py``.
 
 $ fastcascade segment ct.nii.gz -o seg.nii.gz --probabilities probs.nii.gz
+$ fastcascade segment dicom_folder/ -o seg.nii.gz --dicom-seg seg.dcm
 """
 
 from __future__ import annotations
@@ -37,13 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``segment`` to the ``fastcascade`` command's subparsers."""
     p = sub.add_parser(
         "segment",
-        help="segment a CT scan (NIfTI) into organ labels",
-        description="Segment INPUT (a .nii/.nii.gz CT in HU) and write the labels on its "
-        "own grid, with a JSON of label names beside them.",
+        help="segment a CT scan (NIfTI, NRRD, MetaImage or DICOM) into organ labels",
+        description="Segment INPUT (a CT: .nii/.nii.gz, .nrrd, .mha/.mhd, or a folder or "
+        ".zip holding one DICOM series) and write the labels on its own grid, with a JSON "
+        "of label names beside them.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", metavar="INPUT", type=Path, help="CT scan, .nii or .nii.gz")
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        type=Path,
+        help="CT scan: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, or a folder or .zip of one "
+        "DICOM CT series (NRRD, MetaImage and DICOM need pip install 'fastcascade[dicom]')",
+    )
     p.add_argument("-o", "--output", required=True, type=Path, help="label file (.nii or .nii.gz)")
     p.add_argument("--model", default=None, help="saved cascade (default: the embedded model)")
     p.add_argument(
@@ -69,13 +77,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     segment_outputs.add_arguments(p)
     segment_options.add_arguments(p)
+    dicom = p.add_argument_group("DICOM")
+    dicom.add_argument(
+        "--series",
+        metavar="UID",
+        default=None,
+        help="the SeriesInstanceUID to read where INPUT holds several series (the error "
+        "without it lists them)",
+    )
+    dicom.add_argument(
+        "--dicom-seg",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="also write the labels as a DICOM SEG object referencing INPUT's series "
+        "(DICOM input only)",
+    )
     p.set_defaults(func=_cmd_segment, parser=p)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     import fastcascade  # segment() looked up at call time (tests replace it)
 
-    from ..io.atomic import output_folders, same_file
+    from ..io.atomic import inside, output_folders, same_file
+    from ..io.dicom import is_dicom_input
     from ..io.nifti import completion_marker_path, label_names_path
 
     if args.fp16_probabilities and args.probabilities is None:
@@ -87,7 +112,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 f"input scan {source} is a symbolic link to nothing (broken or a loop)"
             )
         raise FileNotFoundError(f"input scan {source} does not exist")
+    if args.dicom_seg is not None and not is_dicom_input(source):
+        raise ValueError(
+            f"--dicom-seg references the input's DICOM series, and {source} is not one "
+            "(expected a folder or .zip of a DICOM series)"
+        )
     outputs = [args.output, label_names_path(args.output)]
+    if args.dicom_seg is not None:
+        outputs.append(args.dicom_seg)
     if args.probabilities is not None:
         outputs += [args.probabilities, label_names_path(args.probabilities)]
         if same_file(args.probabilities, args.output):
@@ -99,6 +131,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     for out in outputs:  # checked before the work, and again by the writers
         if same_file(out, source):
             raise ValueError(f"refusing to write {out}: it is the input scan")
+        if inside(out, source):
+            raise ValueError(f"refusing to write {out}: it is inside the input folder {source}")
         if out.is_dir():
             raise IsADirectoryError(f"{out} is a folder; expected a file name")
     existing = [str(p) for p in outputs if p.exists()]
@@ -108,6 +142,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         )
 
     options = segment_options.options(args)
+    series = {} if args.series is None else {"series": args.series}
     with output_folders({p.parent for p in outputs}):
         progress = _TileProgress(disable=args.quiet)
         try:
@@ -117,6 +152,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                     model=args.model,
                     device=args.device,
                     progress=progress,
+                    **series,
                     **options,
                 )
         finally:
@@ -129,6 +165,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             args.probabilities,
             "float16" if args.fp16_probabilities else "float32",
             marker=_marker(args, source, options),
+            dicom_seg=args.dicom_seg,
             **segment_outputs.save_arguments(args),
         )
     if not args.quiet:
@@ -142,15 +179,11 @@ def _marker(args: argparse.Namespace, source: Path, options: dict) -> dict:
     options and the package's version; a re-run with the same record has nothing to do."""
     from .env import package_version
 
-    stat = source.stat()
     return {
         "format": "fastcascade-segment",
         "version": package_version(),
-        "input": {
-            "path": str(source.resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-        },
+        "input": _input_record(source),
+        "series": args.series,
         "model": "default" if args.model is None else str(Path(args.model).resolve()),
         "options": {
             **segment_options.record(options),
@@ -159,6 +192,21 @@ def _marker(args: argparse.Namespace, source: Path, options: dict) -> dict:
         "postprocess": segment_outputs.record(args),
         "device": args.device,
         "threads": args.threads,
+    }
+
+
+def _input_record(source: Path) -> dict:
+    """The input as it was read: path, bytes and latest modification; for a folder, over
+    all its files (a folder's own time misses a file rewritten in place)."""
+    if not source.is_dir():
+        stat = source.stat()
+        return {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stats = [p.stat() for p in sorted(source.rglob("*")) if p.is_file()]
+    return {
+        "path": str(source.resolve()),
+        "files": len(stats),
+        "size": sum(s.st_size for s in stats),
+        "mtime_ns": max((s.st_mtime_ns for s in stats), default=source.stat().st_mtime_ns),
     }
 
 

@@ -95,11 +95,23 @@ def same_file(a: PathLike, b: PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def inside(path: PathLike, folder: PathLike) -> bool:
+    """Whether ``path`` lies in (or under) the existing folder ``folder`` (links resolved),
+    e.g. an output inside a DICOM series' folder, which the next read would take in."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
 @contextlib.contextmanager
 def atomic_outputs(
     paths: Iterable[PathLike], protect: Iterable[PathLike] = ()
 ) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``paths``; on success move them into place.
+
+    ``protect``: inputs: a path that is one of them, or inside one that is a folder, is
+    refused with a ``ValueError`` before anything is written.
 
     Temporaries are created with mode 0o666 minus the umask (like a plain ``open``),
     keep the destination's suffix (nibabel picks gzip from it), are fsynced, and are
@@ -112,6 +124,8 @@ def atomic_outputs(
         for q in protect:
             if same_file(p, q):
                 raise ValueError(f"refusing to write {p}: it is the input file {q}")
+            if inside(p, q):
+                raise ValueError(f"refusing to write {p}: it is inside the input folder {q}")
         if p.is_dir():
             raise ValueError(f"{p} is a folder; expected a file name")
         if not p.parent.is_dir():

@@ -1,6 +1,8 @@
 """Scans in: any CT volume → float32 HU in canonical RAS (x, y, z), and back again.
 
-``load_scan`` accepts a path, a nibabel image, a numpy array or a torch tensor, checks it
+``load_scan`` accepts a path (NIfTI; NRRD or MetaImage, ``io/sitk.py``; a folder or ``.zip``
+of one DICOM CT series, ``io/dicom.py``), a nibabel image, a numpy array or a torch
+tensor, checks it
 (3D, finite, numeric, a CT and not a label map, a sane voxel size) and brings it to the
 canonical orientation used throughout fastcascade: axis 0 towards the patient's right,
 axis 1 anterior, axis 2 superior (RAS), spacing in mm in that order. Only flips and an
@@ -45,7 +47,9 @@ import torch
 from nibabel import orientations
 
 from ..ops.resample import resample, working_shape
+from .dicom import DicomSeries, is_dicom_input, read_series
 from .nifti import load_nifti, read_voxels, spatial_shape
+from .sitk import is_sitk_path, read_image
 
 #: Orientation of every ``Scan.data``.
 CANONICAL_AXCODES = ("R", "A", "S")
@@ -63,8 +67,9 @@ class Scan:
     size in mm along (x, y, z). ``affine``: 4x4 voxel → mm affine of ``data``.
     ``input_affine`` / ``input_shape``: the input's own affine and 3D shape. ``header``:
     the input's NIfTI header if it came from a file or image (label files reuse its
-    geometry codes), else ``None``. ``path``: the source file, if any (writers refuse to
-    overwrite it).
+    geometry codes), else ``None``. ``path``: the source file, folder or zip, if any
+    (writers refuse to overwrite it or write into it). ``dicom``: the DICOM series it was
+    read from, if any (a SEG of the labels references it).
 
     >>> scan = load_scan(np.full((4, 5, 6), -1000.0, np.float32), spacing=(1.0, 1.0, 2.5))
     >>> scan.data.shape, scan.spacing
@@ -78,6 +83,7 @@ class Scan:
     input_shape: tuple[int, int, int]
     header: nib.Nifti1Header | None = None
     path: Path | None = None
+    dicom: DicomSeries | None = None
 
     def _orientation(self) -> np.ndarray:
         return _orientation(self.input_affine)
@@ -187,21 +193,26 @@ def load_scan(
     spacing: tuple[float, float, float] | None = None,
     affine: np.ndarray | None = None,
     hu_check: str = "warn",
+    series: str | None = None,
 ) -> Scan:
     """Load and check a CT volume and bring it to canonical RAS orientation.
 
-    ``volume``: a ``.nii``/``.nii.gz`` path, a nibabel image, or an (x, y, z) numpy
-    array / torch tensor of HU values (integer or floating; a trailing axis of length 1
-    is dropped). Arrays and tensors need either ``spacing`` (3 positive finite mm along
-    their axes; the array is then taken as already RAS) or ``affine`` (4x4 voxel → mm
-    world RAS+; the array is reoriented through it), not both. Files and images carry
-    their own geometry, so neither may be given with them. ``hu_check``: ``"warn"``,
+    ``volume``: a ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr`` or ``.mha``/``.mhd`` path, a
+    folder or ``.zip`` holding one DICOM CT series (``series``: its SeriesInstanceUID,
+    needed where there are several; these need the ``[dicom]`` extra), a nibabel image, or
+    an (x, y, z) numpy array / torch tensor of HU values (integer or floating; a trailing
+    axis of length 1 is dropped). Arrays and tensors need either ``spacing`` (3 positive
+    finite mm along their axes; the array is then taken as already RAS) or ``affine`` (4x4
+    voxel → mm world RAS+; the array is reoriented through it), not both. Files and images
+    carry their own geometry, so neither may be given with them. ``hu_check``: ``"warn"``,
     ``"error"`` or ``"off"`` for intensities that do not look like HU (``check_hu``).
 
     Raises ``TypeError`` for an unsupported input type or non-numeric data, and
     ``ValueError`` for anything else wrong (dims, NaN/Inf, spacing, a label map, an
-    unreadable file), naming the problem and what was expected; ``FileNotFoundError``
-    for a missing file.
+    unreadable file, a DICOM folder that is not one evenly spaced CT series), naming the
+    problem and what was expected; ``FileNotFoundError`` for a missing file;
+    ``io.sitk.MissingDependencyError`` (an ``ImportError``) for NRRD, MetaImage or DICOM
+    without the ``[dicom]`` extra.
 
     >>> ct = torch.full((8, 8, 4), -1000.0)
     >>> scan = load_scan(ct, affine=np.diag([-0.8, -0.8, 2.0, 1.0]))  # LPS
@@ -211,11 +222,26 @@ def load_scan(
     if isinstance(volume, str | os.PathLike):
         _refuse_geometry(spacing, affine, "a file")
         path = Path(volume)
+        if is_dicom_input(path):
+            voxels, dicom = read_series(path, series)
+            data = torch.from_numpy(voxels)
+            what = f"DICOM series in {path}"
+            return _make_scan(data, dicom.affine, None, path, what, hu_check, dicom=dicom)
+        _refuse_series(series, "a file that is not a DICOM series")
+        if path.name.lower().endswith(".dcm"):
+            raise ValueError(
+                f"{path} is one DICOM file; give the folder (or .zip) holding its whole series"
+            )
+        if is_sitk_path(path):
+            voxels, file_affine = read_image(path)
+            data = torch.from_numpy(voxels.reshape(spatial_shape(voxels.shape, f"scan {path}")))
+            return _make_scan(data, file_affine, None, path, f"scan {path}", hu_check)
         img = load_nifti(path)
         shape = spatial_shape(img.shape, f"scan {path}")
         _check_dtype(np.dtype(img.get_data_dtype()), f"scan {path}")
         data = torch.from_numpy(read_voxels(img, path).reshape(shape))
         return _make_scan(data, img.affine, img.header, path, f"scan {path}", hu_check)
+    _refuse_series(series, f"a {type(volume).__name__}")
     if isinstance(volume, nib.spatialimages.SpatialImage):
         _refuse_geometry(spacing, affine, "a nibabel image")
         shape = spatial_shape(volume.shape, "image")
@@ -255,6 +281,7 @@ def _make_scan(
     path: Path | None,
     what: str,
     hu_check: str = "warn",
+    dicom: DicomSeries | None = None,
 ) -> Scan:
     input_affine = _check_affine(input_affine, what)
     _check_values(data, what, hu_check)
@@ -270,6 +297,7 @@ def _make_scan(
         input_shape=tuple(int(s) for s in data.shape),
         header=header,
         path=path,
+        dicom=dicom,
     )
 
 
@@ -298,6 +326,14 @@ def _refuse_geometry(spacing: Any, affine: Any, what: str) -> None:
         raise ValueError(
             f"spacing/affine were given with {what}, which carries its own geometry; "
             "pass them only with a numpy array or torch tensor"
+        )
+
+
+def _refuse_series(series: Any, what: str) -> None:
+    if series is not None:
+        raise ValueError(
+            f"series={series!r} was given with {what}; it chooses a series of a DICOM "
+            "folder or .zip"
         )
 
 
