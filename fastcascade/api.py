@@ -519,7 +519,8 @@ def segment(
     ``volume``: a path to a NIfTI, NRRD or MetaImage file or to a folder or ``.zip`` of one
     DICOM CT series (``series``: the SeriesInstanceUID to read where it holds several; these
     need ``pip install 'fastcascade[dicom]'``), a nibabel image, or a NumPy array / torch
-    tensor of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``. ``model``: a
+    tensor of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``, or a
+    :class:`~fastcascade.io.scan.Scan` already read by ``io.scan.load_scan``. ``model``: a
     :class:`Predictor`, a path to a saved cascade, or ``None`` for the embedded default
     model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else the
     CPU), ``"cpu"``, ``"cuda"``… ``progress(stage, done, total)`` is called after each batch
