@@ -257,13 +257,20 @@ def run_batch(
                     report.segmented.append(job.input)
                 except Exception as e:  # one scan's failure, whatever it is, skips that scan
                     if raise_errors:
-                        if following is not None:
-                            following.cancel()
+                        _cancel(following)
                         raise
                     reason = f"{type(e).__name__}: {e}".strip()
                     report.failures.append({"input": str(job.input), "reason": reason})
+                except BaseException:  # Ctrl-C: do not wait for a scan nobody will use
+                    _cancel(following)
+                    raise
                 future = following
                 bar.update(1)
     finally:
         bar.close()
     return report
+
+
+def _cancel(future) -> None:
+    if future is not None:
+        future.cancel()

@@ -297,3 +297,21 @@ def test_run_batch_reads_the_next_scan_while_one_runs():
     assert order == ["s0", "s1", "s3"]
     assert report.failures == [{"input": "s2", "reason": "RuntimeError: boom"}]
     assert report.segmented == [Path("s0"), Path("s1"), Path("s3")]
+
+
+def test_an_output_folder_made_meanwhile_by_another_part_is_used_and_kept(tmp_path, monkeypatch):
+    from fastcascade.io.atomic import output_folders
+
+    target = tmp_path / "segs" / "sub"
+    real_mkdir = Path.mkdir
+
+    def another_process_first(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        raise FileExistsError(str(self))
+
+    monkeypatch.setattr(Path, "mkdir", another_process_first)
+    with pytest.raises(RuntimeError, match="later"):
+        with output_folders([target]) as created:
+            assert created == []
+            raise RuntimeError("a later failure")
+    assert target.is_dir()  # not created by us, so not removed by us
