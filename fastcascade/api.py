@@ -421,12 +421,24 @@ class Predictor:
         """Segment one scan; see :func:`segment`. ``options`` (default: the predictor's)
         and keyword ``overrides`` of any :class:`~fastcascade.options.InferenceOptions`
         field, e.g. ``overlap=False``, ``skip_empty=False`` (every tile, as the original).
+
+        ``volume`` may also be a :class:`~fastcascade.io.scan.Scan` read beforehand with
+        ``io.scan.load_scan`` (its HU check was done then; ``hu_check`` does not apply):
+        a batch reads the next scan while this one runs.
         """
         t0 = time.perf_counter()
         options = build_options(options, overrides, self.options)
-        scan = load_scan(
-            volume, spacing=spacing, affine=affine, hu_check=options.hu_check, series=series
-        )
+        if isinstance(volume, Scan):  # read already (e.g. by a batch's reading thread)
+            if spacing is not None or affine is not None or series is not None:
+                raise ValueError(
+                    "a Scan carries its own geometry and series: give no spacing, affine "
+                    "or series with it"
+                )
+            scan = volume
+        else:
+            scan = load_scan(
+                volume, spacing=spacing, affine=affine, hu_check=options.hu_check, series=series
+            )
         keep_tensor = isinstance(volume, torch.Tensor)
         if keep_tensor and scan.data.device != self.device:
             self.to(scan.data.device)  # a tensor input decides the device
@@ -507,7 +519,8 @@ def segment(
     ``volume``: a path to a NIfTI, NRRD or MetaImage file or to a folder or ``.zip`` of one
     DICOM CT series (``series``: the SeriesInstanceUID to read where it holds several; these
     need ``pip install 'fastcascade[dicom]'``), a nibabel image, or a NumPy array / torch
-    tensor of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``. ``model``: a
+    tensor of HU values ``(x, y, z)`` with ``spacing`` (mm) or an ``affine``, or a
+    :class:`~fastcascade.io.scan.Scan` already read by ``io.scan.load_scan``. ``model``: a
     :class:`Predictor`, a path to a saved cascade, or ``None`` for the embedded default
     model. ``device``: ``"auto"`` (a tensor's own device, else a GPU when present, else the
     CPU), ``"cpu"``, ``"cuda"``… ``progress(stage, done, total)`` is called after each batch

@@ -388,7 +388,7 @@ def test_phantom_same_file_twice(fake_phantom, tmp_path, capsys):
 
 # ----------------------------------------------------------------------- the commands
 
-COMMANDS = ("segment", "env", "phantom", "train", "finetune", "evaluate", "demo")
+COMMANDS = ("segment", "env", "phantom", "train", "finetune", "evaluate", "demo", "export")
 REPO = Path(__file__).resolve().parents[1]
 
 

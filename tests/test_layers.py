@@ -111,5 +111,5 @@ def test_the_cli_imports_its_commands_explicitly():
     init = PACKAGE / "cli" / "__init__.py"
     modules = imported_modules(init)
     assert "importlib" not in modules
-    for command in ("segment", "env", "phantom", "train", "evaluate", "demo"):
+    for command in ("segment", "env", "phantom", "train", "evaluate", "demo", "export"):
         assert f"fastcascade.cli.{command}" in modules

@@ -1,10 +1,11 @@
 """The ``fastcascade`` command: ``segment``, ``phantom``, ``train``, ``finetune``,
-``evaluate``, ``demo`` and ``env``.
+``evaluate``, ``demo``, ``export`` and ``env``.
 
 Each command lives in a module of this package (``segment.py``, with its inference
 flags in ``segment_options.py`` and its extra outputs in ``segment_outputs.py``;
-``phantom.py``, ``train.py`` for ``train`` and ``finetune``, ``evaluate.py``, ``demo.py``,
-``env.py``) whose ``register(subparsers)`` adds its subparser(s); every command is a function
+``segment_batch.py`` for many scans; ``phantom.py``, ``train.py`` for ``train`` and
+``finetune``, ``evaluate.py``, ``demo.py``, ``export.py``, ``env.py``) whose
+``register(subparsers)`` adds its subparser(s); every command is a function
 ``_cmd_<name>(args) -> int`` (the exit status) set as the subparser's ``func``. Argument
 types they share are in ``arguments.py``. Argument parsing lives here only; the commands
 call the library. Heavy modules (torch, the cascade) are imported inside the command
@@ -29,12 +30,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import demo, env, evaluate, phantom, segment, train
+from . import demo, env, evaluate, export, phantom, segment, train
 
 __all__ = ["build_parser", "main"]
 
 #: The command modules, in the order their commands are listed in ``--help``.
-COMMAND_MODULES = (segment, env, phantom, train, evaluate, demo)
+COMMAND_MODULES = (segment, env, phantom, train, evaluate, demo, export)
 
 _USER_ERRORS = (
     ValueError,

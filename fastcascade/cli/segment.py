@@ -6,6 +6,7 @@ probabilities in ``segment_outputs.py``.
 
 $ fastcascade segment ct.nii.gz -o seg.nii.gz --probabilities probs.nii.gz
 $ fastcascade segment dicom_folder/ -o seg.nii.gz --dicom-seg seg.dcm
+$ fastcascade segment scans/ -o segs/            # many scans: segment_batch.py
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import arguments, segment_options, segment_outputs
+from . import arguments, segment_batch, segment_options, segment_outputs
 
 EXAMPLES = """\
 examples:
@@ -31,6 +32,14 @@ examples:
 
 Outputs are written all or none, the label file last, then seg.done.json listing them;
 an existing output stops the command before any work unless --overwrite is given.
+
+many scans (the model is loaded once, the next scan read while one runs):
+  fastcascade segment a.nii.gz b.nii.gz -o segs/      # segs/a.nii.gz, segs/b.nii.gz
+  fastcascade segment scans/ -o segs/                 # every scan file in scans/
+  fastcascade segment --list cases.txt -o segs/ --num-parts 4 --part-id 0
+  torchrun --nproc-per-node 4 -m fastcascade segment scans/ -o segs/
+A scan that fails is recorded in segs/failures.json and the others go on (exit status 1
+if any failed); a re-run skips scans whose <name>.done.json matches (--overwrite: redo).
 """
 
 
@@ -46,13 +55,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "input",
+        "inputs",
         metavar="INPUT",
+        nargs="*",
         type=Path,
         help="CT scan: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, or a folder or .zip of one "
-        "DICOM CT series (NRRD, MetaImage and DICOM need pip install 'fastcascade[dicom]')",
+        "DICOM CT series (NRRD, MetaImage and DICOM need pip install 'fastcascade[dicom]'); "
+        "several, or a folder of scan files, segment many (see 'many scans')",
     )
-    p.add_argument("-o", "--output", required=True, type=Path, help="label file (.nii or .nii.gz)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="label file (.nii or .nii.gz); with many scans, the output folder",
+    )
     p.add_argument("--model", default=None, help="saved cascade (default: the embedded model)")
     p.add_argument(
         "--device",
@@ -93,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also write the labels as a DICOM SEG object referencing INPUT's series "
         "(DICOM input only)",
     )
+    segment_batch.add_arguments(p)
     p.set_defaults(func=_cmd_segment, parser=p)
 
 
@@ -105,7 +123,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     if args.fp16_probabilities and args.probabilities is None:
         args.parser.error("--fp16-probabilities needs --probabilities FILE")
-    source: Path = args.input
+    if not args.inputs and args.list is None:
+        args.parser.error("give an INPUT scan (or several, or --list FILE)")
+    if segment_batch.is_batch(args):
+        return segment_batch.run(args)
+    source: Path = args.inputs[0]
     if not source.exists():
         if source.is_symlink():
             raise FileNotFoundError(

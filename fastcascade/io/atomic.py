@@ -76,7 +76,12 @@ def output_folders(paths: Iterable[PathLike]) -> Iterator[list[Path]]:
         for d in reversed(missing):
             if d.is_symlink():  # a dangling link: not ours to replace
                 raise FileNotFoundError(f"output folder {d} is a broken symbolic link")
-            d.mkdir()
+            try:
+                d.mkdir()
+            except FileExistsError:  # made meanwhile by another process (parts of a batch)
+                if not d.is_dir():
+                    raise
+                continue  # theirs: not removed by us
             created.append(d)
     try:
         yield created
