@@ -90,7 +90,9 @@ def assemble(out: Path) -> int:
 def record_dice(model: Path, cases: dict[str, tuple[Path, Path]]) -> dict:
     """Dice per organ of ``model`` (default options) on each named ``(ct, labels)`` case,
     written into the model JSON's ``training["dice"]``, labelled as cases seen in
-    training; the shipped model's regression test compares against these numbers."""
+    training; the shipped model's regression test compares against these numbers. With
+    the run's ``stage2.ckpt`` beside the model, the phantom seeds its mix drew,
+    ``[first, next)``, go into ``training["phantom_seeds"]``."""
     import json
 
     import nibabel as nib
@@ -113,6 +115,12 @@ def record_dice(model: Path, cases: dict[str, tuple[Path, Path]]) -> dict:
         print(case, scores[case])
     _, cfg_path = model_paths(model)
     data = json.loads(cfg_path.read_text())
+    ckpt = Path(model).parent / "stage2.ckpt"  # where stage 2's draws ended
+    if ckpt.exists():
+        from fastcascade.model.checkpoint import load_training_checkpoint
+
+        state = load_training_checkpoint(ckpt)["source"]["sources"]["phantom"]
+        data.setdefault("training", {})["phantom_seeds"] = [state["seed"], state["next_seed"]]
     data.setdefault("training", {})["dice"] = {
         "note": "cases seen in training; stage 2 with the default options (slabs, 4x overlap)",
         **scores,
