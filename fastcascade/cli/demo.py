@@ -42,9 +42,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     import fastcascade  # segment() looked up at call time (tests replace it)
 
+    from ..api import DEFAULT_MODEL
     from ..config import CLASS_NAMES
     from ..demo import PHANTOM_SEED, case_a_reference, find_case_a
     from ..evaluate import dice
+    from ..model.checkpoint import load_config
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     scores = dice(result.labels, reference, len(CLASS_NAMES))
     print("\nDice against the reference" + (" (pseudo-ground-truth)" if case_a else ""))
+    if case_a and "case_a" in ((load_config(DEFAULT_MODEL).training or {}).get("dice") or {}):
+        print("  (case A was in the default model's training data: this shows fit, not how")
+        print("   it does on scans it never saw; the README has the leave-one-out tables)")
     for k in range(1, len(CLASS_NAMES)):
         print(f"  {CLASS_NAMES[k]:<22} {scores[k]:.3f}")
     try:
