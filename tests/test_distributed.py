@@ -1,0 +1,146 @@
+"""Many scans on Ray actors (``fastcascade.distributed``) against the command's batch mode.
+
+A local Ray cluster of two CPUs runs two actors of one thread each; the command runs
+with ``--threads 1`` too, so both compute the same labels bit for bit. Skipped without
+Ray, except in CI (``CI=true``), where a skip would hide a missing install step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import fastcascade
+from fastcascade import cli
+
+
+def require_ray():
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        import ray
+        import ray.data  # noqa: F401
+    else:
+        pytest.importorskip("ray.data", reason="the [cluster] extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    require_ray()
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from fastcascade.config import Architecture, CascadeConfig, StageConfig
+    from fastcascade.model import UNet3D
+    from fastcascade.model.checkpoint import save_cascade
+
+    torch.manual_seed(0)
+    arch = Architecture(num_classes=11, base_channels=2, levels=2, padding="same")
+    config = CascadeConfig(
+        spacing=(6.0, 6.0, 6.0),
+        stage1=StageConfig(window=(-1000.0, 1000.0), tile=(16, 16, 16), architecture=arch),
+        stage2=StageConfig(window=(-200.0, 400.0), tile=(16, 16, 16), architecture=arch),
+    )
+    nets = []
+    for _ in range(2):
+        net = UNet3D.from_architecture(arch)
+        torch.nn.init.normal_(net.classifier.bias, 0.0, 2.0)  # C2 not empty
+        nets.append(net)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_cascade(path, config, *nets)
+    return path.with_suffix(".safetensors")
+
+
+def write_phantoms(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for k in (1, 2, 3):
+        ph = fastcascade.phantom.make_phantom(shape=(40, 36, 32), spacing=(6, 6, 6), seed=k)
+        nib.save(ph.to_nifti()[0], folder / f"case{k}.nii.gz")
+    (folder / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+
+
+def test_ray_actors_write_what_the_command_writes(tmp_path, model, ray_cluster, monkeypatch):
+    from fastcascade.api import Predictor
+    from fastcascade.distributed import segment_on_ray
+
+    scans = tmp_path / "scans"
+    write_phantoms(scans)
+    by_cli, by_ray = tmp_path / "cli", tmp_path / "ray"
+    argv = ["segment", str(scans), "-o", str(by_cli), "--model", str(model)]
+    rc = cli.main([*argv, "--device", "cpu", "--threads", "1", "--no-overlap", "--quiet"])
+    assert rc == 1  # the broken scan
+
+    report = segment_on_ray(
+        [scans], by_ray, model=model, device="cpu", threads=1, num_actors=2, overlap=False
+    )
+    cases = [scans / f"case{k}.nii.gz" for k in (1, 2, 3)]
+    assert sorted(report.segmented) == cases
+    assert report.skipped == []
+    assert [f["input"] for f in report.failures] == [str(scans / "broken.nii.gz")]
+
+    assert sorted(p.name for p in by_ray.iterdir()) == sorted(p.name for p in by_cli.iterdir())
+    for k in (1, 2, 3):
+        ours = nib.load(by_ray / f"case{k}.nii.gz")
+        theirs = nib.load(by_cli / f"case{k}.nii.gz")
+        labels = np.asarray(ours.dataobj)
+        assert labels.any()
+        np.testing.assert_array_equal(labels, np.asarray(theirs.dataobj))
+        np.testing.assert_array_equal(ours.affine, theirs.affine)
+        for name in (f"case{k}.json", f"case{k}.done.json"):  # names, marker: the same
+            assert json.loads((by_ray / name).read_text()) == json.loads(
+                (by_cli / name).read_text()
+            )
+    assert json.loads((by_ray / "failures.json").read_text()) == json.loads(
+        (by_cli / "failures.json").read_text()
+    )
+
+    # Each skips what the other did: the markers are the command's.
+    segmented: list = []
+    original = Predictor.segment
+    monkeypatch.setattr(
+        Predictor, "segment", lambda self, *a, **k: segmented.append(1) or original(self, *a, **k)
+    )
+    argv = ["segment", str(scans), "-o", str(by_ray), "--model", str(model)]
+    assert cli.main([*argv, "--device", "cpu", "--threads", "1", "--no-overlap", "--quiet"]) == 1
+    assert segmented == []
+    again = segment_on_ray(
+        [scans], by_cli, model=model, device="cpu", threads=1, num_actors=2, overlap=False
+    )
+    assert sorted(again.skipped) == cases and again.segmented == []
+
+
+def test_an_unreachable_cluster_is_one_clear_error(tmp_path, ray_cluster):
+    from fastcascade.distributed import segment_on_ray
+
+    with socket.socket() as s:  # a port nobody listens at
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    with pytest.raises(RuntimeError, match=f"cannot reach the Ray cluster at {address}"):
+        segment_on_ray([tmp_path / "in"], tmp_path / "out", address=address, connect_timeout=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path, model, ray_cluster):
+    from fastcascade.distributed import segment_on_ray
+
+    with pytest.raises(ValueError, match="unknown option.*overlapp"):
+        segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, overlapp=False)
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, device="gpu")
+    with pytest.raises(ValueError, match="threads"):
+        segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, threads=0)
+    assert not (tmp_path / "out").exists()
