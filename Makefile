@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 triton==3.8.0 "numpy<2.4"
-	$(PY) -m pip install -q -e ".[dev,dicom]"
+	$(PY) -m pip install -q -e ".[dev,dicom,cluster]"
 	touch $(STAMP)
 
 demo: setup

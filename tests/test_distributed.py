@@ -54,11 +54,9 @@ def model(tmp_path_factory) -> Path:
         stage1=StageConfig(window=(-1000.0, 1000.0), tile=(16, 16, 16), architecture=arch),
         stage2=StageConfig(window=(-200.0, 400.0), tile=(16, 16, 16), architecture=arch),
     )
-    nets = []
-    for _ in range(2):
-        net = UNet3D.from_architecture(arch)
-        torch.nn.init.normal_(net.classifier.bias, 0.0, 2.0)  # C2 not empty
-        nets.append(net)
+    # Random networks: one class over the body, background elsewhere; the background
+    # differs between the phantoms, so outputs given the wrong scan's labels would show.
+    nets = [UNet3D.from_architecture(arch) for _ in range(2)]
     path = tmp_path_factory.mktemp("model") / "tiny"
     save_cascade(path, config, *nets)
     return path.with_suffix(".safetensors")
@@ -92,17 +90,20 @@ def test_ray_actors_write_what_the_command_writes(tmp_path, model, ray_cluster, 
     assert [f["input"] for f in report.failures] == [str(scans / "broken.nii.gz")]
 
     assert sorted(p.name for p in by_ray.iterdir()) == sorted(p.name for p in by_cli.iterdir())
+    backgrounds = set()
     for k in (1, 2, 3):
         ours = nib.load(by_ray / f"case{k}.nii.gz")
         theirs = nib.load(by_cli / f"case{k}.nii.gz")
         labels = np.asarray(ours.dataobj)
         assert labels.any()
+        backgrounds.add(int((labels == 0).sum()))
         np.testing.assert_array_equal(labels, np.asarray(theirs.dataobj))
         np.testing.assert_array_equal(ours.affine, theirs.affine)
         for name in (f"case{k}.json", f"case{k}.done.json"):  # names, marker: the same
             assert json.loads((by_ray / name).read_text()) == json.loads(
                 (by_cli / name).read_text()
             )
+    assert len(backgrounds) == 3  # three different label maps
     assert json.loads((by_ray / "failures.json").read_text()) == json.loads(
         (by_cli / "failures.json").read_text()
     )
