@@ -61,7 +61,8 @@ def segment_on_ray(
       ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` inside each actor.
     - ``gpus_per_actor``: GPUs Ray reserves per actor (``1``: one actor per GPU; ``0``,
       the default: CPU actors). ``threads``: PyTorch threads per actor, also the CPUs Ray
-      reserves for a CPU actor (``None``: one CPU reserved, PyTorch's own thread count).
+      reserves for a CPU actor (``None``: one CPU reserved, and PyTorch's thread count as
+      Ray leaves it: Ray sets ``OMP_NUM_THREADS`` to an actor's reserved CPUs).
     - ``num_actors``: the pool's size (``None``: as many as the cluster's GPUs, or CPUs
       over ``threads``, allow; never more than the scans).
     - ``address``: the cluster (``"host:6379"``, ``"ray://host:10001"``, ``"auto"``);
@@ -91,12 +92,15 @@ def segment_on_ray(
         raise ValueError(f"num_actors must be an integer >= 1 or None, got {num_actors!r}")
     _connect(ray, address, connect_timeout)
     cpus_per_actor = 0 if gpus_per_actor else (threads or 1)
+    kind, need = ("GPU", gpus_per_actor) if gpus_per_actor else ("CPU", cpus_per_actor)
+    have = ray.cluster_resources().get(kind, 0)
+    if have < need:  # Ray would wait for it forever
+        raise RuntimeError(
+            f"the Ray cluster has {have:g} {kind}(s) and an actor needs {need:g} "
+            f"({'gpus_per_actor' if gpus_per_actor else 'threads'})"
+        )
     if num_actors is None:
-        resources = ray.cluster_resources()
-        if gpus_per_actor:
-            num_actors = int(resources.get("GPU", 0) // gpus_per_actor)
-        else:
-            num_actors = int(resources.get("CPU", 1) // cpus_per_actor)
+        num_actors = int(have // need)
     num_actors = max(1, min(num_actors, len(jobs)))
 
     report = BatchReport()

@@ -144,4 +144,8 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, model, ray_cluster):
         segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, device="gpu")
     with pytest.raises(ValueError, match="threads"):
         segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, threads=0)
+    with pytest.raises(RuntimeError, match=r"has 0 GPU\(s\) and an actor needs 1"):
+        segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, gpus_per_actor=1)
+    with pytest.raises(RuntimeError, match=r"has 2 CPU\(s\) and an actor needs 3"):
+        segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, threads=3)
     assert not (tmp_path / "out").exists()
