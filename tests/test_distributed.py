@@ -1,4 +1,4 @@
-"""Many scans on Ray actors (``fastcascade.distributed``) against the command's batch mode.
+"""Many scans on Ray actors (``fastcascade.cli.ray_batch``) against the command's batch mode.
 
 A local Ray cluster of two CPUs runs two actors of one thread each; the command runs
 with ``--threads 1`` too, so both compute the same labels bit for bit. Skipped without
@@ -72,7 +72,7 @@ def write_phantoms(folder: Path) -> None:
 
 def test_ray_actors_write_what_the_command_writes(tmp_path, model, ray_cluster, monkeypatch):
     from fastcascade.api import Predictor
-    from fastcascade.distributed import segment_on_ray
+    from fastcascade.cli.ray_batch import segment_on_ray
 
     scans = tmp_path / "scans"
     write_phantoms(scans)
@@ -124,7 +124,7 @@ def test_ray_actors_write_what_the_command_writes(tmp_path, model, ray_cluster, 
 
 
 def test_an_unreachable_cluster_is_one_clear_error(tmp_path, ray_cluster):
-    from fastcascade.distributed import segment_on_ray
+    from fastcascade.cli.ray_batch import segment_on_ray
 
     with socket.socket() as s:  # a port nobody listens at
         s.bind(("127.0.0.1", 0))
@@ -136,7 +136,7 @@ def test_an_unreachable_cluster_is_one_clear_error(tmp_path, ray_cluster):
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, model, ray_cluster):
-    from fastcascade.distributed import segment_on_ray
+    from fastcascade.cli.ray_batch import segment_on_ray
 
     with pytest.raises(ValueError, match="unknown option.*overlapp"):
         segment_on_ray([tmp_path / "in"], tmp_path / "out", model=model, overlapp=False)

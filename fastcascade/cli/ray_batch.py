@@ -10,9 +10,10 @@ failure handling, and ``SegmentationResult.save(marker=...)`` writing the files.
 ``OUTDIR/failures.json`` lists the scans that failed.
 
 Every machine must see the inputs, the model and ``OUTDIR`` under the same paths (a
-shared file system); the driver only plans and collects the report.
+shared file system); the driver only plans and collects the report. It lives beside the
+command because it runs the command's own batch steps (its options, its marker).
 
->>> from fastcascade.distributed import segment_on_ray  # doctest: +SKIP
+>>> from fastcascade.cli.ray_batch import segment_on_ray  # doctest: +SKIP
 >>> report = segment_on_ray(["scans/"], "segs/", address="head-node:6379",
 ...                         gpus_per_actor=1)  # one actor per GPU  # doctest: +SKIP
 >>> report = segment_on_ray(["scans/"], "segs/", threads=4)  # CPU actors, 4 threads each
@@ -30,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchReport, Job, PathLike
+from ..batch import BatchReport, Job, PathLike
 
 INSTALL_CLUSTER = "pip install 'fastcascade[cluster]'"
 
@@ -77,8 +78,8 @@ def segment_on_ray(
     :func:`~fastcascade.batch.plan_jobs` refuses (two scans of one name, ``outdir``
     inside an input folder).
     """
-    from .batch import failures_path, plan_jobs, write_failures
-    from .io.atomic import output_folders
+    from ..batch import failures_path, plan_jobs, write_failures
+    from ..io.atomic import output_folders
 
     ray = _import_ray()
     # Absolute paths: an actor's working folder is not the driver's.
@@ -140,7 +141,7 @@ class _SegmentActor:
     def __init__(self, args) -> None:
         import fastcascade
 
-        from .cli import segment_options
+        from . import segment_options
 
         self.args = args
         self.options = segment_options.options(args)
@@ -150,10 +151,10 @@ class _SegmentActor:
     def __call__(self, batch):
         import pandas as pd
 
-        from .batch import marker_matches, run_batch
-        from .cli import segment_options, segment_outputs
-        from .cli.segment import _marker
-        from .io.scan import load_scan
+        from ..batch import marker_matches, run_batch
+        from ..io.scan import load_scan
+        from . import segment_options, segment_outputs
+        from .segment import _marker
 
         args, options = self.args, self.options
         jobs = [
@@ -189,7 +190,7 @@ def _missing(value) -> bool:
 def _arguments(outdir, model, device, threads, overwrite, organs, largest_component, options):
     """The ``segment`` command's namespace for these settings, so that the completion
     marker, the options and the clean-up are exactly the command's."""
-    from .cli import arguments, build_parser, segment_options, segment_outputs
+    from . import arguments, build_parser, segment_options, segment_outputs
 
     unknown = set(options) - (set(segment_options.FLAGS) - {"probabilities"})
     if unknown:
