@@ -477,6 +477,12 @@ def train_stage(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        for p in model.parameters():
+            if p.is_contiguous() and p.stride() != p.contiguous().view(-1).view(p.shape).stride():
+                # Weights with a dimension of 1 (1x1x1 kernels, one input channel) are
+                # channels_last and contiguous at once; their gradients come with the
+                # contiguous strides, which DDP's buckets must share (else it warns).
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
         ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's weights
     model.train()
