@@ -282,3 +282,35 @@ def test_environment_without_a_world_initialises_nothing(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "zero")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         distributed.world_size_from_env()
+
+
+def _cli_worker(rank, port, out):
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    from fastcascade import cli
+
+    argv = ["train", "--out", out, "--base-channels", "2", "--levels", "2", "--padding"]
+    argv += ["same", "--tile", "16", "--iterations", "2", "--pool-size", "1", "--threads"]
+    argv += ["1", "--batch-size", "1", "--quiet", "--device", "cpu"]
+    assert cli.main(argv) == 0
+
+
+def test_the_train_command_under_two_processes(tmp_path):
+    """``fastcascade train`` as ``torchrun`` starts it: the process group from the
+    environment, each rank on its own phantoms, one model written."""
+    out = tmp_path / "run"
+    mp.spawn(_cli_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    record = json.loads((out / "model.json").read_text())["training"]
+    assert record["processes"] == WORLD and record["batch_size"] == 1
+    for stage in (1, 2):
+        state = load_training_checkpoint(out / f"stage{stage}.ckpt")
+        assert state["iteration"] == 2 and state["world_size"] == WORLD
+        a, b = (r["source"] for r in state["ranks"])
+        assert a["seed"] != b["seed"]  # each rank's own mix of sources...
+        assert a["sources"]["phantom"]["seed"] == 0  # rank 0's: --seed, as one process
+        assert b["sources"]["phantom"]["pool_seeds"] != a["sources"]["phantom"]["pool_seeds"]
