@@ -7,7 +7,8 @@ holds more than one process) it trains a ``DistributedDataParallel`` model: ever
 process draws its own ``batch_size`` sub-volumes (seeded by ``rank_seed``), the
 gradients are averaged across processes, and rank 0 alone writes checkpoints.
 
-Nothing here touches CUDA unless a CUDA device is asked for.
+Nothing here touches CUDA unless a CUDA device is asked for. Tested with gloo processes
+on the CPU; the NCCL path (GPUs) has not run here, no GPU being available.
 """
 
 from __future__ import annotations

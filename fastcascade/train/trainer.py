@@ -267,7 +267,7 @@ def train_stage(
     averaged, so one step sees ``batch_size`` x world size sub-volumes. The weights
     start equal (torch seeded with ``seed`` everywhere; DDP broadcasts rank 0's).
     BatchNorm keeps per-process statistics (DDP's default, not ``SyncBatchNorm``): each
-    process normalises its own sub-volumes, as the paper's small per-GPU batches did,
+    process normalises its own sub-volumes, as one process with ``batch_size`` does,
     and the running statistics are rank 0's, broadcast at every forward pass;
     ``SyncBatchNorm`` would add a collective per layer and does not run on gloo (CPU).
     Logged losses are the mean over processes. Rank 0 alone writes the checkpoint (the
@@ -483,7 +483,9 @@ def train_stage(
                 # channels_last and contiguous at once; their gradients come with the
                 # contiguous strides, which DDP's buckets must share (else it warns).
                 p.data = p.data.clone(memory_format=torch.contiguous_format)
-        ids = [device.index] if device.type == "cuda" else None
+        ids = None
+        if device.type == "cuda":
+            ids = [torch.cuda.current_device() if device.index is None else device.index]
         net = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's weights
     model.train()
     for it in steps:
