@@ -14,6 +14,11 @@ contrast phases); the cases come from a CSV of ``ct,labels[,names]`` rows. The m
 augmentations and the cut margin are recorded in every checkpoint and in the model's
 JSON (its ``training`` field). The model options of ``train`` default to the shipped
 model's recipe (``presets.default_config``).
+
+Several GPUs: ``torchrun --nproc-per-node N -m fastcascade train ...`` (each process on
+the GPU ``LOCAL_RANK``, NCCL; gloo processes on the CPU) trains with
+``DistributedDataParallel`` (``train/distributed.py``): ``--batch-size`` per process,
+rank 0 writing the checkpoints and the model. ``finetune`` runs in one process.
 """
 
 from __future__ import annotations
@@ -251,15 +256,23 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    _setup(args)
-    with output_folders([args.out]):  # a run that fails before writing leaves no folder
-        return _train(args)
+    from ..train.distributed import init_from_env, shutdown
+
+    _setup(args)  # every process checks --out before any writes to it
+    rank, _, device = init_from_env(args.device)  # torchrun's processes, where WORLD_SIZE > 1
+    args.device = str(device)
+    try:
+        with output_folders([args.out]):  # a run that fails before writing leaves no folder
+            return _train(args, rank)
+    finally:
+        shutdown()
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, rank: int = 0) -> int:
     import dataclasses
 
     from ..model.checkpoint import save_cascade
+    from ..train.distributed import rank_and_world, rank_seed
     from ..train.trainer import (
         ground_truth_candidates,
         stage1_candidates,
@@ -267,11 +280,13 @@ def _train(args: argparse.Namespace) -> int:
         training_record,
     )
 
+    world = rank_and_world()[1]
     config = default_config(args.base_channels, args.levels, args.padding, args.spacing, args.tile)
     common = dict(lr=args.lr, **_run_options(args))
     # One source for both stages: the cases are read once, the mix drawn on from where
-    # stage 1 stopped (each stage's checkpoint holds the source's state).
-    source = _source(args, config.spacing, args.seed, config.num_classes)
+    # stage 1 stopped (each stage's checkpoint holds the source's state). Each process
+    # of a run on several draws from its own (seeded from --seed and its rank).
+    source = _source(args, config.spacing, rank_seed(args.seed, rank), config.num_classes)
     iterations = (
         args.iterations,
         args.iterations if args.iterations2 is None else args.iterations2,
@@ -292,6 +307,10 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
     )
+    if world > 1:  # --batch-size is per process
+        record["processes"] = world
+    if rank != 0:  # rank 0 writes the model
+        return 0
     config = dataclasses.replace(config, training=record)
     weights, cfg = save_cascade(args.out / "model", config, stage1, stage2)
     print(f"wrote {weights} and {cfg}")
@@ -300,7 +319,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..model.checkpoint import load_config
+    from ..train.distributed import world_size_from_env
 
+    if world_size_from_env() > 1:
+        raise ValueError("finetune runs in one process; start it without torchrun")
     _setup(args)
     if args.csv is None:
         raise ValueError("finetune needs --csv with the new classes' training data")

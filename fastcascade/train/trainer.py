@@ -42,6 +42,7 @@ from ..model.unet3d import UNet3D
 from ..ops.dilate import dilate
 from ..ops.intensity import apply_window
 from ..ops.morphology import body_mask
+from . import distributed
 from .loss import weighted_cross_entropy
 from .mixed import describe_source
 from .sampling import SubvolumeSampler, cut_border_mask, cut_distance
@@ -257,7 +258,25 @@ def train_stage(
     are seeded with ``seed`` (the model's initialisation draws from torch's); the
     sampler, the augmentations and the source use their own generators.
 
-    Returns the trained model in eval mode on ``device``.
+    Several processes: where a ``torch.distributed`` process group of more than one
+    process is up (``distributed.init_from_env``, as ``fastcascade train`` does under
+    ``torchrun``), the model trains as ``DistributedDataParallel``: each process draws
+    its own ``batch_size`` sub-volumes from its own ``source`` (build each with
+    ``distributed.rank_seed(seed, rank)``), its sampler and augmentations seeded from
+    ``rank_seed(seed, rank)`` (rank 0: ``seed``, as one process), and the gradients are
+    averaged, so one step sees ``batch_size`` x world size sub-volumes. The weights
+    start equal (torch seeded with ``seed`` everywhere; DDP broadcasts rank 0's).
+    BatchNorm keeps per-process statistics (DDP's default, not ``SyncBatchNorm``): each
+    process normalises its own sub-volumes, as one process with ``batch_size`` does,
+    and the running statistics are rank 0's, broadcast at every forward pass;
+    ``SyncBatchNorm`` would add a collective per layer and does not run on gloo (CPU).
+    Logged losses are the mean over processes. Rank 0 alone writes the checkpoint (the
+    others wait at a barrier); it holds, under ``"ranks"``, every process's sampler,
+    augmentation, source and global RNG states (``all_gather_object``), so a resume
+    with the same number of processes (each reads the checkpoint) continues exactly;
+    another number of processes is refused.
+
+    Returns the trained model (the bare ``UNet3D``) in eval mode on ``device``.
 
     >>> src = PhantomSource(config.spacing)  # doctest: +SKIP
     >>> model = train_stage(1, config, src, "runs/a", 1000)  # doctest: +SKIP
@@ -277,6 +296,10 @@ def train_stage(
             f"{config.num_classes}"
         )
     device = torch.device(device)
+    rank, world = distributed.rank_and_world()
+    if rank != 0:  # one process speaks for all
+        log, progress = None, False
+    data_seed = distributed.rank_seed(seed, rank)
     cut_border_mask(torch.zeros(()), cut_margin)  # checks the margin before any work
     record = training_record(source, augment, intensity, cut_margin)
     out_dir = Path(out_dir)
@@ -292,6 +315,12 @@ def train_stage(
             raise ValueError(
                 f"{ckpt} was trained on another data mix or augmentation; cannot resume: "
                 f"{state['training']} vs {record}"
+            )
+        if int(state.get("world_size", 1)) != world:
+            raise ValueError(
+                f"{ckpt} was written by {int(state.get('world_size', 1))} training "
+                f"process(es), this run has {world}; resume with as many (each holds "
+                "its own sampler and source state)"
             )
     elif resume:
         _log(log, f"stage {stage}: no checkpoint at {ckpt}, starting from iteration 0")
@@ -314,12 +343,12 @@ def train_stage(
     sampler = SubvolumeSampler(
         tile,
         model.output_size(tile),
-        seed=_derived_seed(seed, 1),
+        seed=_derived_seed(data_seed, 1),
         context=augment_context(augmenter, tile) if augmenter is not None else 0,
     )
-    aug_generator = torch.Generator().manual_seed(_derived_seed(seed, 2))
+    aug_generator = torch.Generator().manual_seed(_derived_seed(data_seed, 2))
     colour = _intensity(intensity)
-    intensity_generator = torch.Generator().manual_seed(_derived_seed(seed, 3))
+    intensity_generator = torch.Generator().manual_seed(_derived_seed(data_seed, 3))
     if candidate_fn is None:
         candidate_fn = None if stage == 1 else ground_truth_candidates(config)
 
@@ -328,12 +357,13 @@ def train_stage(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        aug_generator.set_state(state["augment_generator"])
-        if "intensity_generator" in state:  # checkpoints from before it existed
-            intensity_generator.set_state(state["intensity_generator"])
-        source.load_state_dict(state["source"])
-        _set_rng_state(state["rng"])
+        mine = state["ranks"][rank] if world > 1 else state
+        sampler.load_state_dict(mine["sampler"])
+        aug_generator.set_state(mine["augment_generator"])
+        if "intensity_generator" in mine:  # checkpoints from before it existed
+            intensity_generator.set_state(mine["intensity_generator"])
+        source.load_state_dict(mine["source"])
+        _set_rng_state(mine["rng"])
         start, losses = int(state["iteration"]), list(state["losses"])
         _log(log, f"stage {stage}: resumed from {ckpt} at iteration {start}")
 
@@ -396,30 +426,46 @@ def train_stage(
         )
 
     def save(iteration: int) -> None:
-        save_training_checkpoint(
-            ckpt,
-            {
-                "format": "fastcascade-training",
-                "stage": stage,
-                "iteration": iteration,
-                "batch_size": batch_size,
-                "lr": lr,
-                "seed": seed,
-                "config": config.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "augment_generator": aug_generator.get_state(),
-                "intensity_generator": intensity_generator.get_state(),
-                "training": record,
-                "source": source.state_dict(),
-                "rng": _rng_state(),
-                "losses": list(losses),
-            },
-        )
+        ranks = None
+        if world > 1:  # a collective: every rank takes part
+            ranks = distributed.gather_objects(
+                {
+                    "sampler": sampler.state_dict(),
+                    "augment_generator": aug_generator.get_state(),
+                    "intensity_generator": intensity_generator.get_state(),
+                    "source": source.state_dict(),
+                    "rng": _rng_state(),
+                }
+            )
+            if rank != 0:
+                distributed.barrier()
+                return
+        content = {
+            "format": "fastcascade-training",
+            "stage": stage,
+            "iteration": iteration,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "augment_generator": aug_generator.get_state(),
+            "intensity_generator": intensity_generator.get_state(),
+            "training": record,
+            "source": source.state_dict(),
+            "rng": _rng_state(),
+            "losses": list(losses),
+        }
+        if ranks is not None:
+            content.update(world_size=world, ranks=ranks)
+        save_training_checkpoint(ckpt, content)
         text = json.dumps({"stage": stage, "losses": losses}) + "\n"
         atomic_write(out_dir / f"stage{stage}_losses.json", lambda tmp: Path(tmp).write_text(text))
+        if world > 1:
+            distributed.barrier()
 
     window = stage_cfg.window
     steps = range(start, iterations)
@@ -427,6 +473,20 @@ def train_stage(
         from tqdm import tqdm
 
         steps = tqdm(steps, initial=start, total=iterations, desc=f"stage {stage}")
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        for p in model.parameters():
+            if p.is_contiguous() and p.stride() != p.contiguous().view(-1).view(p.shape).stride():
+                # Weights with a dimension of 1 (1x1x1 kernels, one input channel) are
+                # channels_last and contiguous at once; their gradients come with the
+                # contiguous strides, which DDP's buckets must share (else it warns).
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+        ids = None
+        if device.type == "cuda":
+            ids = [torch.cuda.current_device() if device.index is None else device.index]
+        net = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's weights
     model.train()
     for it in steps:
         t0 = time.perf_counter()
@@ -450,12 +510,12 @@ def train_stage(
         m = torch.stack(masks).to(device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(x)
+            logits = net(x)
         loss = weighted_cross_entropy(logits, y, m)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        value = float(loss.detach()) + 0.0  # no '-0.0' in logs
+        value = float(distributed.mean_across(loss.detach())) + 0.0  # no '-0.0' in logs
         losses.append(value)
         _log(
             log,
