@@ -315,3 +315,32 @@ def test_an_output_folder_made_meanwhile_by_another_part_is_used_and_kept(tmp_pa
             assert created == []
             raise RuntimeError("a later failure")
     assert target.is_dir()  # not created by us, so not removed by us
+
+
+EXTS = (".nii.gz", ".json", ".done.json")
+
+
+def test_two_torchrun_processes_at_once_write_every_output_once(tmp_path, model):
+    """The torchrun path with two CPU processes started together (the environment
+    torchrun gives each): every scan segmented by exactly one of them, nothing left over."""
+    import os
+    import subprocess
+    import sys
+
+    scans = tmp_path / "scans"
+    write_phantoms(scans, seeds=(1, 2, 3))
+    out = tmp_path / "segs"
+    argv = [sys.executable, "-m", "fastcascade", "segment", str(scans), "-o", str(out)]
+    argv += ["--model", str(model), "--device", "cpu", "--quiet", "--threads", "1"]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"case{k}{ext}" for k in (1, 2, 3) for ext in EXTS)
+    markers = [json.loads((out / f"case{k}.done.json").read_text()) for k in (1, 2, 3)]
+    assert [Path(m["input"]["path"]).name for m in markers] == [
+        f"case{k}.nii.gz" for k in (1, 2, 3)
+    ]
