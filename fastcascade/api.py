@@ -52,7 +52,10 @@ class SegmentationResult:
     ``labels``: uint8 ``(x, y, z)`` in the input's own orientation — a NumPy array for
     path, image and array inputs, a tensor on the input's device for tensor inputs.
     ``probabilities``: float32 ``(C, x, y, z)`` likewise, when asked for. ``timings`` in
-    seconds per step; ``tiles[stage] = (computed, total)``. ``source``: the scan's file
+    seconds per step; ``tiles[stage] = (computed, total)``; ``passes[stage]``: how the
+    stage ran (``inference``, ``passes``, ``passes_planned``, ``voxels_computed``
+    against ``voxels_grid``, the ``memory_budget`` in bytes it was given; what was
+    skipped shows as computed voxels below the grid's). ``source``: the scan's file
     (or DICOM folder or zip) for path inputs, which :meth:`save` refuses to overwrite or
     write into. ``dicom``: the ``io.dicom.DicomSeries`` of a DICOM input (its labels can
     be saved as a DICOM SEG referencing it), else ``None``. ``selected``: the class ids
@@ -78,6 +81,7 @@ class SegmentationResult:
     c1_fraction: float = 0.0
     c2_fraction: float = 0.0
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)
+    passes: dict[str, dict] = field(default_factory=dict)
     source: Path | None = None
     dicom: Any = None
     selected: tuple[int, ...] | None = None
@@ -464,6 +468,7 @@ class Predictor:
             c1_fraction=out.c1_fraction,
             c2_fraction=out.c2_fraction,
             tiles=out.tiles,
+            passes=out.passes,
             source=scan.path,
             scan=scan,
             dicom=scan.dicom,

@@ -166,7 +166,9 @@ class ScanOutput:
     ``labels``: uint8 ``(i, j, k)`` in the input's orientation, ``probabilities``: float32
     ``(C, i, j, k)`` when asked for; NumPy arrays when ``to_host``, else tensors on the
     cascade's device. ``c1_fraction`` / ``c2_fraction``: the share of working-grid voxels
-    in C1 and C2. ``tiles[stage] = (computed, total)``; ``timings`` in seconds per step.
+    in C1 and C2. ``tiles[stage] = (computed, total)``; ``passes[stage]``: the stage's
+    :meth:`~fastcascade.tiling.StageOutput.report` (passes, voxels computed against the
+    grid's, memory budget); ``timings`` in seconds per step.
     """
 
     labels: np.ndarray | torch.Tensor
@@ -175,6 +177,7 @@ class ScanOutput:
     c2_fraction: float
     tiles: dict[str, tuple[int, int]]
     timings: dict[str, float]
+    passes: dict[str, dict] = field(default_factory=dict)
 
 
 def segment_scan(
@@ -228,4 +231,5 @@ def segment_scan(
             "stage2": (out.stage2.tiles_computed, out.stage2.tiles_total),
         },
         timings=clock.timings,
+        passes={"stage1": out.stage1.report(), "stage2": out.stage2.report()},
     )

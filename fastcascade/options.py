@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .io.limits import available_memory
+from .ops._backend import cuda_free_memory
 from .ops.morphology import BACKENDS as BODY_MASK_BACKENDS
 
 #: autocast dtypes by ``precision`` name (``None``: no autocast); probabilities are
@@ -34,6 +36,33 @@ WEIGHTS = ("constant", "gaussian")
 INFERENCE = ("tiles", "slabs")
 HU_CHECKS = ("warn", "error", "off")
 
+#: The share of the free memory an automatic ``memory_budget`` takes, per device type.
+#: :func:`fastcascade.passes.forward_memory` errs high, but leaves out weights and
+#: convolution workspaces; on the CPU nothing catches an out-of-memory error (the system
+#: may end the process), on a GPU the failing region is halved and retried, so the share
+#: there is larger.
+AUTO_SHARE = {"cpu": 0.5, "cuda": 0.8}
+
+
+def resolve_memory_budget(budget: int | str | None, device: torch.device | str) -> int | None:
+    """``memory_budget`` in bytes on ``device``: ``"auto"`` is :data:`AUTO_SHARE` of the
+    memory free there now (on a GPU the driver's free memory and PyTorch's unused cache;
+    on the CPU :func:`~fastcascade.io.limits.available_memory`: ``MemAvailable``, a
+    container's limit and ``FASTCASCADE_MAX_MEMORY``), read when the stage starts;
+    ``None`` (no limit) and a number of bytes stay as they are. Results do not depend on
+    the budget beyond floating-point summation order: it only decides how regions are cut.
+
+    >>> resolve_memory_budget(2**30, "cpu"), resolve_memory_budget(None, "cpu")
+    (1073741824, None)
+    """
+    if budget != "auto":
+        return budget
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(AUTO_SHARE["cuda"] * cuda_free_memory(device))
+    free = available_memory()
+    return None if free is None else int(AUTO_SHARE["cpu"] * free)
+
 
 @dataclass(frozen=True)
 class InferenceOptions:
@@ -46,11 +75,14 @@ class InferenceOptions:
       computes every tile, as the original does).
     - ``batch_size``: tiles per network call (≥ 1).
     - ``probabilities``: also return stage 2's class probabilities.
-    - ``memory_budget``: bytes a stage may use (``None``: no limit). With tiles, the
-      stitching accumulators take at most half of it, beyond which a stage stitches in
-      parts along x; with slabs, it covers one pass's activations (estimated from the
-      architecture) and its accumulators, and sets the slab size
-      (:func:`fastcascade.passes.pass_bytes`).
+    - ``memory_budget``: bytes a stage may use: ``"auto"`` (the default) takes a share
+      of the memory free on the device when the stage starts
+      (:func:`resolve_memory_budget`), ``None`` sets no limit. With
+      tiles, the stitching accumulators take at most half of it, beyond which a stage
+      stitches in parts along x; with slabs, it covers one pass's activations
+      (estimated from the architecture) and its accumulators, and sets the slab size
+      (:func:`fastcascade.passes.pass_bytes`). It changes how a stage is cut, not its
+      result (beyond floating-point summation order).
     - ``body_mask_backend``: how C1's hole filling and labelling run (``"auto"``,
       ``"scipy"``, ``"cupy"``, ``"torch"``, ``"cuda"``; all give the same mask).
     - ``precision``: ``"auto"`` (bf16 autocast on a CUDA GPU with native bf16, compute
@@ -74,7 +106,7 @@ class InferenceOptions:
     skip_empty: bool = True
     batch_size: int = 2
     probabilities: bool = False
-    memory_budget: int | None = None
+    memory_budget: int | str | None = "auto"
     body_mask_backend: str = "auto"
     precision: str = "auto"
     compile: bool = False
@@ -91,13 +123,13 @@ class InferenceOptions:
             raise TypeError(f"batch_size must be an integer, got {self.batch_size!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if self.memory_budget is not None and (
+        if self.memory_budget not in (None, "auto") and (
             isinstance(self.memory_budget, bool)
             or not isinstance(self.memory_budget, int)
             or self.memory_budget < 1
         ):
             raise ValueError(
-                f"memory_budget must be a positive number of bytes or None, "
+                f"memory_budget must be 'auto', a positive number of bytes or None, "
                 f"got {self.memory_budget!r}"
             )
         if self.body_mask_backend not in BODY_MASK_BACKENDS:
@@ -137,6 +169,11 @@ class InferenceOptions:
         if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
             return torch.bfloat16
         return None
+
+    def memory_budget_for(self, device: torch.device | str) -> int | None:
+        """``memory_budget`` in bytes on ``device`` (``None``: no limit); ``"auto"`` is
+        read from the device's free memory now: :func:`resolve_memory_budget`."""
+        return resolve_memory_budget(self.memory_budget, device)
 
     def replace(self, **changes: Any) -> InferenceOptions:
         """A copy with ``changes`` applied (checked like a new object); unknown names

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from . import tiling
 from .config import Architecture
 from .ops.stitch import finalize, tile_weight
-from .options import InferenceOptions
+from .options import AUTO_SHARE, InferenceOptions, resolve_memory_budget
 from .tiling import StageOutput, make_grid, overlap_step
 
 __all__ = [
@@ -114,6 +114,7 @@ def run_stage(
     for tiles ``batch_size`` and ``overlap_step``. ``progress(done, total)`` follows
     each batch of tiles or each slab pass.
     """
+    budget = options.memory_budget_for(image.device)
     with torch.inference_mode():
         if options.inference == "tiles":
             out_size = network.output_size(tuple(tile))
@@ -130,7 +131,7 @@ def run_stage(
                 weight_mode=options.weights if overlap else "constant",
                 batch_size=options.batch_size,
                 probabilities=probabilities,
-                memory_budget=options.memory_budget,
+                memory_budget=budget,
                 progress=progress,
             )
         dtype = options.autocast_dtype_for(image.device)
@@ -143,7 +144,7 @@ def run_stage(
             phases=overlap_phases(Geometry.of(network).period) if overlap else ((0, 0, 0),),
             weights=options.weights if overlap else "constant",
             skip_empty=options.skip_empty,
-            memory_budget=options.memory_budget,
+            memory_budget=budget,
             element_size=4 if dtype is None else torch.finfo(dtype).bits // 8,
             probabilities=probabilities,
             progress=progress,
@@ -534,13 +535,14 @@ def plan_stage(
     *,
     phases: Sequence[Sequence[int]] = ((0, 0, 0),),
     skip_empty: bool = True,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     element_size: int = 4,
 ) -> Plan:
     """The slab passes of one stage over ``mask``'s grid (see the module's docstring).
 
-    Raises ``ValueError`` when ``memory_budget`` is below one minimal slab, naming the
-    minimum.
+    ``memory_budget``: bytes, ``None`` (no limit) or ``"auto"``
+    (:func:`~fastcascade.options.resolve_memory_budget`). Raises ``ValueError`` when it
+    is below one minimal slab, naming the minimum.
     """
     planner = _Planner(
         Geometry.of(network),
@@ -548,9 +550,19 @@ def plan_stage(
         tuple(mask.shape),
         tuple(tuple(int(v) for v in d) for d in phases),
         element_size,
-        memory_budget,
+        resolve_memory_budget(memory_budget, mask.device),
     )
-    planner.check_budget()
+    try:
+        planner.check_budget()
+    except ValueError as e:
+        if memory_budget != "auto":
+            raise
+        raise ValueError(
+            f"{e}. The budget was 'auto': "
+            f"{AUTO_SHARE['cuda' if mask.device.type == 'cuda' else 'cpu']:.0%} of the memory "
+            f"free on {mask.device} when the stage started; free memory, or give "
+            f"memory_budget in bytes"
+        ) from None
     whole = ((0, 0, 0), tuple(mask.shape))
     total = len(planner.regions(whole)) * len(planner.phases)
     if not skip_empty:
@@ -592,7 +604,7 @@ def run_slabs(
     phases: Sequence[Sequence[int]] = ((0, 0, 0),),
     weights: str = "constant",
     skip_empty: bool = True,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     element_size: int = 4,
     probabilities: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -680,7 +692,14 @@ def _run_slabs(
         if progress is not None:
             progress(done, total)
     return StageOutput(
-        labels, probs, done, plan.total, computed, math.prod(mask.shape), inference="slabs"
+        labels,
+        probs,
+        done,
+        plan.total,
+        computed,
+        math.prod(mask.shape),
+        inference="slabs",
+        memory_budget=plan.planner.budget,
     )
 
 

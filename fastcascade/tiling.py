@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops.stitch import accumulate, finalize, tile_weight
+from .options import resolve_memory_budget
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class StageOutput:
     ``voxels_computed``: output voxels the network computed over all passes, against
     ``voxels_grid``, the voxels of the stage's grid (their ratio is the overhead of
     overlap, halos and padding). ``inference``: ``"tiles"`` or ``"slabs"``.
+    ``memory_budget``: the bytes the stage was given (``"auto"`` resolved; ``None``: no
+    limit).
     """
 
     labels: torch.Tensor  # uint8 (X, Y, Z), background outside the mask
@@ -134,11 +137,25 @@ class StageOutput:
     voxels_computed: int
     voxels_grid: int
     inference: str = "tiles"
+    memory_budget: int | None = None
 
     @property
     def passes(self) -> int:
         """Network passes run (tiles or slabs)."""
         return self.tiles_computed
+
+    def report(self) -> dict[str, int | str | None]:
+        """What the stage cost, as plain values: ``inference``, ``passes`` (run),
+        ``passes_planned`` (without skipping), ``voxels_computed``, ``voxels_grid``,
+        ``memory_budget``."""
+        return {
+            "inference": self.inference,
+            "passes": self.tiles_computed,
+            "passes_planned": self.tiles_total,
+            "voxels_computed": self.voxels_computed,
+            "voxels_grid": self.voxels_grid,
+            "memory_budget": self.memory_budget,
+        }
 
 
 def run_stage(
@@ -154,7 +171,7 @@ def run_stage(
     batch_size: int = 2,
     probabilities: bool = False,
     parts: int = 1,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StageOutput:
     """Run ``network`` over the tiles of ``grid`` and stitch softmax probabilities.
@@ -165,14 +182,16 @@ def run_stage(
 
     Memory: the fp32 accumulator is ``num_classes`` volumes of the lattice's extent;
     ``parts > 1`` stitches the volume in that many parts along x, each with its own
-    accumulator (tiles straddling two parts run twice); ``memory_budget`` (bytes) picks
-    enough parts for the accumulators to take at most half of it. On a GPU out-of-memory
-    error (that error only) a failing batch of tiles is split in halves, and at one tile
-    per batch the stage restarts with twice the parts; results are the same either way.
+    accumulator (tiles straddling two parts run twice); ``memory_budget`` (bytes, or
+    ``"auto"``: :func:`~fastcascade.options.resolve_memory_budget`) picks enough parts for
+    the accumulators to take at most half of it. On a GPU out-of-memory error (that error
+    only) a failing batch of tiles is split in halves, and at one tile per batch the stage
+    restarts with twice the parts; results are the same either way.
     (The slab passes of :mod:`fastcascade.passes` are another thing: network inputs as
     large as memory allows.)
     """
     device = image.device
+    memory_budget = resolve_memory_budget(memory_budget, device)
     if memory_budget is not None:
         acc_bytes = 4 * (num_classes + 1) * math.prod(grid.extent)
         parts = max(parts, min(grid.counts[0], math.ceil(2 * acc_bytes / memory_budget)))
@@ -188,7 +207,13 @@ def run_stage(
             )
             computed = run.done * math.prod(grid.out_size)
             return StageOutput(
-                labels, probs, run.done, grid.num_tiles, computed, math.prod(grid.shape)
+                labels,
+                probs,
+                run.done,
+                grid.num_tiles,
+                computed,
+                math.prod(grid.shape),
+                memory_budget=memory_budget,
             )
         except torch.cuda.OutOfMemoryError:
             if parts >= grid.counts[0]:

@@ -48,6 +48,15 @@ def test_skipping_gives_the_same_labels_as_every_tile(phantom, padding, tile, in
     if inference == "tiles":
         assert fast.tiles["stage2"][0] < simple.tiles["stage2"][0]
     assert 0.05 < fast.c1_fraction < 0.9
+    # What was skipped shows in the result: fewer voxels computed over the same grid.
+    for stage in ("stage1", "stage2"):
+        f, s = fast.passes[stage], simple.passes[stage]
+        assert f["inference"] == s["inference"] == inference
+        assert (f["passes"], f["passes_planned"]) == fast.tiles[stage]
+        assert f["voxels_grid"] == s["voxels_grid"] > 0
+        assert isinstance(f["memory_budget"], int) and f["memory_budget"] > 0  # "auto"
+    computed = [r.passes["stage2"]["voxels_computed"] for r in (fast, simple)]
+    assert computed[0] < computed[1] if inference == "tiles" else computed[0] <= computed[1]
 
 
 def test_body_mask_backends_give_the_same_segmentation(phantom):

@@ -130,6 +130,17 @@ def test_threads_apply_during_segment_only(ct_file, monkeypatch, tmp_path):  # n
     assert seen[-1] == before
 
 
+@pytest.mark.parametrize("text, value", [("auto", "auto"), ("None", None), ("1.5G", 3 * 2**29)])
+def test_memory_budget_takes_auto_none_or_a_size(text, value):
+    assert segment_options.memory_size(text) == value
+
+
+def test_a_bad_memory_budget_says_what_is_expected(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["segment", "ct.nii.gz", "--memory-budget", "lots"])
+    assert "expected a positive size" in capsys.readouterr().err
+
+
 def test_marker_records_every_option(ct_file, fake, tmp_path):  # noqa: F811
     import json
 

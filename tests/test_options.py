@@ -34,7 +34,8 @@ def test_unknown_option_names_the_valid_ones():
     [
         ({"weights": "linear"}, "weights must be one of"),
         ({"batch_size": 0}, "batch_size must be ≥ 1"),
-        ({"memory_budget": -1}, "memory_budget must be a positive number of bytes"),
+        ({"memory_budget": -1}, "memory_budget must be 'auto', a positive number of bytes"),
+        ({"memory_budget": "4G"}, "memory_budget must be 'auto', a positive number of bytes"),
         ({"overlap_step": (0.5, 0.5)}, "overlap_step must be 3 fractions"),
         ({"overlap_step": (0.0, 0.5, 1.0)}, "overlap_step must be 3 fractions"),
         ({"body_mask_backend": "opencv"}, "body_mask_backend must be one of"),

@@ -472,6 +472,45 @@ def test_a_budget_below_one_minimal_slab_names_the_minimum():
         plan_stage(net, mask, memory_budget=minimum - 1)
 
 
+def test_an_automatic_budget_is_a_share_of_the_free_memory(monkeypatch):
+    """``"auto"`` plans what the resolved number of bytes plans: a share of the memory
+    free now (faked here), on the CPU and on a CUDA device; too little names the share."""
+    import fastcascade.options as options
+
+    net = network("valid", 2, channels=2)
+    image, mask = volume((40, 20, 12))
+    fixed = budget_for(net, mask, 2)
+    monkeypatch.setattr(options, "available_memory", lambda: int(fixed / options.AUTO_SHARE["cpu"]))
+    assert options.resolve_memory_budget("auto", "cpu") == pytest.approx(fixed, abs=1)
+    assert InferenceOptions().memory_budget == "auto"
+    assert InferenceOptions().memory_budget_for("cpu") == pytest.approx(fixed, abs=1)
+    auto = plan_stage(net, mask, memory_budget="auto")
+    assert (
+        len(auto.regions) == 2
+        and auto.regions == plan_stage(net, mask, memory_budget=fixed).regions
+    )
+    out = run_stage(
+        net,
+        image,
+        mask,
+        tile=(24, 24, 24),
+        num_classes=K,
+        pad_value=AIR,
+        options=InferenceOptions(),
+        overlap=False,
+        probabilities=False,
+    )
+    assert out.memory_budget == auto.planner.budget and out.report()["passes"] == 2
+    monkeypatch.setattr(options, "cuda_free_memory", lambda device: 10 * 2**30)
+    assert options.resolve_memory_budget("auto", "cuda:1") == int(0.8 * 10 * 2**30)
+    assert options.resolve_memory_budget(None, "cuda") is None  # no limit stays
+    monkeypatch.setattr(options, "available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"below one minimal slab.*'auto': 50% of the memory"):
+        plan_stage(net, mask, memory_budget="auto")
+    monkeypatch.setattr(options, "available_memory", lambda: None)  # nothing known
+    assert options.resolve_memory_budget("auto", "cpu") is None
+
+
 class FakeAllocator:
     """A device whose allocations over ``limit`` bytes fail like a full GPU."""
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..io.limits import human_bytes
 from . import arguments, segment_batch, segment_options, segment_outputs
 
 EXAMPLES = """\
@@ -270,6 +271,19 @@ class _TileProgress:
             self.bar = None
 
 
+def _stage_line(stage: str, computed: int, total: int, report: dict | None) -> str:
+    """``stage1: 1 of 1 slab passes computed, 1.1x the grid's voxels, budget 11.3 GiB``."""
+    if report is None:
+        return f"{stage}: {computed} of {total} tiles computed"
+    kind = "slab passes" if report["inference"] == "slabs" else "tiles"
+    line = (
+        f"{stage}: {computed} of {total} {kind} computed, "
+        f"{report['voxels_computed'] / max(report['voxels_grid'], 1):.2f}x the grid's voxels"
+    )
+    budget = report["memory_budget"]
+    return line + (", no memory budget" if budget is None else f", budget {human_bytes(budget)}")
+
+
 def _summary(result, timings: dict[str, float], outputs: Sequence[Path]) -> str:
     lines = ["times (s):"]
     lines += [f"  {name:<14}{seconds:8.2f}" for name, seconds in timings.items()]
@@ -278,6 +292,6 @@ def _summary(result, timings: dict[str, float], outputs: Sequence[Path]) -> str:
         f"C2 (candidates) {100 * result.c2_fraction:.1f}%"
     )
     for stage, (computed, total) in result.tiles.items():
-        lines.append(f"{stage}: {computed} of {total} tiles computed")
+        lines.append(_stage_line(stage, computed, total, result.passes.get(stage)))
     lines.append("wrote " + ", ".join(str(p) for p in outputs))
     return "\n".join(lines)

@@ -39,12 +39,15 @@ FLAGS: dict[str, str] = {
 DEFAULTS = InferenceOptions()
 
 
-def memory_size(text: str) -> int:
-    """A positive number of bytes with an optional K, M, G or T suffix (``4G``)."""
+def memory_size(text: str) -> int | str | None:
+    """``auto``, ``none``, or a positive number of bytes with an optional K, M, G or T
+    suffix (``4G``)."""
+    if text.strip().lower() in ("auto", "none"):
+        return None if text.strip().lower() == "none" else "auto"
     try:
         return parse_bytes(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{e}, or auto, or none") from None
 
 
 def fractions3(text: str) -> tuple[float, float, float]:
@@ -111,8 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=memory_size,
         metavar="BYTES",
         default=DEFAULTS.memory_budget,
-        help="memory a pass may use, e.g. 4G or 512M; sets the slab size (default: no "
-        "limit beyond the 2^31-element one)",
+        help="memory a pass may use, e.g. 4G or 512M; sets the slab size; auto: a share "
+        "of the memory free on the device when a stage starts; none: no limit beyond the "
+        f"2^31-element one (default: {DEFAULTS.memory_budget})",
     )
     g.add_argument(
         "--precision",

@@ -98,6 +98,15 @@ def cuda_capability(device_index: int = 0) -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(device_index))
 
 
+def cuda_free_memory(device: torch.device | str) -> int:
+    """Bytes a new allocation on CUDA ``device`` may take: the driver's free memory plus
+    what PyTorch's caching allocator holds unused there (it reuses that first)."""
+    device = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + max(0, cached))
+
+
 @functools.cache
 def cudnn_available() -> bool:
     """Whether this PyTorch build has cuDNN (no CUDA initialisation)."""
