@@ -25,6 +25,7 @@ once: the tiles' time is then the measured time per pass times the number of pas
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from fastcascade.model import UNet3D
 from fastcascade.ops.dilate import dilate
 from fastcascade.ops.intensity import apply_window, window_value
 from fastcascade.ops.morphology import body_mask
-from fastcascade.options import InferenceOptions
+from fastcascade.options import InferenceOptions, resolve_memory_budget
 from fastcascade.passes import run_stage
 from fastcascade.phantom import make_phantom
 from fastcascade.presets import CASE_A_TO_CLASSES, paper_config
@@ -124,15 +125,18 @@ def run_passes(args, rec) -> None:
     nets = [n.to(memory_format=torch.channels_last_3d) for n in nets]
     c1 = body_mask(image_hu, config.body_threshold)
     c2 = dilate(reference > 0, config.radius, spacing)
-    budget = int(args.memory_budget * 2**30)
+    budget = args.memory_budget
+    budget = resolve_memory_budget(budget if budget == "auto" else int(budget * 2**30), "cpu")
     sample = 1 if args.cpu else args.sample_tiles
     rec.data["meta"].update(
+        load_start=os.getloadavg()[0],
         case=what,
         network="paper U-Net (base 32, 4 levels, valid), random weights, fp32",
         c1_fraction=float(c1.float().mean()),
         c2_fraction=float(c2.float().mean()),
         c2_from="reference labels dilated by r = 3",
-        memory_budget_gib=args.memory_budget,
+        memory_budget_gib=None if budget is None else budget / 2**30,
+        memory_budget_from=args.memory_budget,
         sample_tiles=sample,
         timed_region="one run_stage call; tiles beyond the sample return zeros (time "
         "extrapolated per pass), slabs run in full",
@@ -193,13 +197,46 @@ def run_passes(args, rec) -> None:
             record["speedup_time"] = base["seconds"] / record["seconds"]
             record["speedup_flop"] = base["tflop"] / max(record["tflop"], 1e-12)
             rec.flush()
+    _add_totals(rec)
+    load = (rec.data["meta"]["load_start"], os.getloadavg()[0])
+    rec.data["meta"]["load_end"] = load[1]
+    rec.flush()
+    budget_text = (
+        "no memory budget" if budget is None else f"memory budget {budget / 2**30:.1f} GiB"
+    )
     title = f"# Network passes per stage on {rec.data['meta']['device']}\n\n"
-    title += f"{what}; {rec.data['meta']['network']}; C2 from the reference dilated by r = 3.\n"
+    title += f"{what}; {rec.data['meta']['network']}; C2 from the reference dilated by r = 3; "
+    title += f"{budget_text} ({args.memory_budget}); tiles timed on {sample} pass(es) each and "
+    title += f"extrapolated; load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the "
+    title += "end. FLOPs are exact (every pass counted); the time ratios depend on the load.\n"
     if args.cpu:
         title += "\nCPU dry run on a coarse grid: proves the code paths, times mean nothing.\n"
     title += "\n"
     path = rec.write_markdown(title + markdown_table(rec.data["results"], COLUMNS))
     print(f"table: {path}")
+
+
+def _add_totals(rec) -> None:
+    """Both stages of the cascade together, per provider: without and with the overlap."""
+    by = {(r["stage"], r["provider"]): r for r in rec.data["results"] if "+" not in r["stage"]}
+    for second in ("stage2", "stage2_overlap"):
+        base = None
+        for provider in ("tiles", "slabs"):
+            parts = [by.get(("stage1", provider)), by.get((second, provider))]
+            if None in parts:
+                return
+            total = {k: parts[0][k] + parts[1][k] for k in ("passes", "tflop", "seconds")}
+            base = base or total
+            rec.add(
+                op=f"stage1+{second}",
+                stage=f"stage1+{second}",
+                provider=provider,
+                **total,
+                median_ms=total["seconds"] * 1e3,
+                timed=" + ".join(p["timed"] for p in parts),
+                speedup_time=base["seconds"] / total["seconds"],
+                speedup_flop=base["tflop"] / max(total["tflop"], 1e-12),
+            )
 
 
 def summarize(data: dict) -> str:

@@ -169,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="bf16 only, batch 1-2, one compile")
     parser.add_argument("--cpu", action="store_true", help="tiny dry run on the CPU, no timings")
     parser.add_argument(
-        "--memory-budget", type=float, default=6.0, help="passes area: GiB a slab pass may use"
+        "--memory-budget",
+        type=lambda text: text if text == "auto" else float(text),
+        default="auto",
+        help="passes area: GiB a slab pass may use, or auto (what segment() takes by default: "
+        "a share of the device's free memory, read once at the start)",
     )
     parser.add_argument(
         "--sample-tiles",
