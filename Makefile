@@ -31,8 +31,10 @@ test: setup
 # this says so and passes; a failing test fails.
 VENV36 ?= .venv-triton36
 PY36 := $(VENV36)/bin/python
-KERNEL_TESTS := tests/test_ops_conv_bn_relu.py tests/test_ops_warp.py tests/test_ops_dilate.py \
-  tests/test_ops_stitch.py tests/test_ops_stitch_triton.py tests/test_ops_backend.py
+KERNEL_TESTS := tests/test_ops_conv_bn_relu_kernel.py tests/test_ops_conv_bn_relu_reference.py \
+  tests/test_ops_conv_bn_relu_dispatch.py tests/test_ops_conv_bn_relu_table.py \
+  tests/test_ops_warp.py tests/test_ops_dilate.py tests/test_ops_stitch.py \
+  tests/test_ops_stitch_triton.py tests/test_ops_backend.py
 
 test-triton36:
 	@if [ ! -f $(VENV36)/.installed ]; then \

@@ -200,18 +200,6 @@ def _bench_case(rec, case, shape, radius, spacing, *, device, cuda, reps, warmup
         rec.add(**entry)
 
 
-def _speedups(rows: list[dict]) -> None:
-    for case in {r["case"] for r in rows}:
-        group = [r for r in rows if r["case"] == case and r.get("median_ms")]
-        timed = {r["provider"]: r["median_ms"] for r in group}
-        baselines = [t for p, t in timed.items() if not p.startswith("fastcascade")]
-        for r in group:
-            if "scipy" in timed:
-                r["speedup_vs_scipy"] = timed["scipy"] / r["median_ms"]
-            if baselines:
-                r["speedup_vs_best_baseline"] = min(baselines) / r["median_ms"]
-
-
 def run_dilate(args, rec) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
@@ -247,7 +235,7 @@ def run_dilate(args, rec) -> None:
             warmup=warmup,
             peaks=peaks,
         )
-    _speedups(rec.data["results"])
+    common.add_speedups(rec.data["results"], "scipy")
     meta["load_average_end"] = common.load_average()
     rec.flush()
     title = f"# Ball dilation (candidate map C2) on {meta['device']}\n\n"

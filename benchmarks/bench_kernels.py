@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import common
 import torch
 import torch.nn.functional as F
 from run import markdown_table, measure
@@ -166,22 +167,6 @@ def _try(fn):
         return None, f"out of memory: {str(e).splitlines()[0]}"
     except Exception as e:  # noqa: BLE001 - a broken provider must not hide the others' data
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _speedups(rows: list[dict]) -> None:
-    """Speedup of each row against eager and against the best non-fastcascade provider."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["op"], r["shape"], r["dtype"]), []).append(r)
-    for group in groups.values():
-        timed = {r["provider"]: r["median_ms"] for r in group if r.get("median_ms")}
-        baselines = [t for p, t in timed.items() if not p.startswith("fastcascade")]
-        for r in group:
-            if r.get("median_ms"):
-                if "eager" in timed:
-                    r["speedup_vs_eager"] = timed["eager"] / r["median_ms"]
-                if baselines:
-                    r["speedup_vs_best_baseline"] = min(baselines) / r["median_ms"]
 
 
 @contextmanager
@@ -417,7 +402,7 @@ def run_kernels(args, rec) -> None:
                 reps=reps,
                 flops=flops,
             )
-    _speedups(rec.data["results"])
+    common.add_speedups(rec.data["results"], "eager", by=("op", "shape", "dtype"))
     # Every layer shape a fused path ran unfused in this run (the tile's included).
     rec.data["meta"]["fallbacks"] = {str(k): v for k, v in fallback.fallbacks().items()}
     rec.flush()

@@ -307,18 +307,14 @@ def _bench_passes(rec, case, spatial, *, device, cuda, reps, warmup, peaks, trit
 
 
 def _speedups(rows: list[dict]) -> None:
-    for op, case in {(r["op"], r["case"]) for r in rows}:
-        group = [r for r in rows if r["op"] == op and r["case"] == case and r.get("median_ms")]
-        timed = {r["provider"]: r["median_ms"] for r in group}
+    for op in {r["op"] for r in rows}:
         # argmax alone does less than the op (no mask, no background): not a baseline
-        baselines = [
-            t for p, t in timed.items() if not p.startswith("fastcascade") and p != "argmax"
-        ]
-        for r in group:
-            if BASELINES[op] in timed:
-                r["speedup_vs_baseline"] = timed[BASELINES[op]] / r["median_ms"]
-            if baselines:
-                r["speedup_vs_best_baseline"] = min(baselines) / r["median_ms"]
+        common.add_speedups(
+            [r for r in rows if r["op"] == op],
+            BASELINES[op],
+            column="speedup_vs_baseline",
+            not_baselines=("argmax",),
+        )
 
 
 def run_stitch(args, rec) -> None:

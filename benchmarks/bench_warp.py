@@ -204,18 +204,6 @@ def _bench_case(rec, name, shape, *, device, cuda, quick, cpu, reps, warmup, pea
         rec.add(**entry)
 
 
-def _speedups(rows: list[dict]) -> None:
-    for case in {r["case"] for r in rows}:
-        group = [r for r in rows if r["case"] == case and r.get("median_ms")]
-        timed = {r["provider"]: r["median_ms"] for r in group}
-        baselines = [t for p, t in timed.items() if not p.startswith("fastcascade")]
-        for r in group:
-            if "torch_grid_sample" in timed:
-                r["speedup_vs_torch_grid_sample"] = timed["torch_grid_sample"] / r["median_ms"]
-            if baselines:
-                r["speedup_vs_best_baseline"] = min(baselines) / r["median_ms"]
-
-
 def run_warp(args, rec) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
@@ -256,7 +244,7 @@ def run_warp(args, rec) -> None:
             warmup=warmup,
             peaks=peaks,
         )
-    _speedups(rec.data["results"])
+    common.add_speedups(rec.data["results"], "torch_grid_sample")
     meta["load_average_end"] = common.load_average()
     rec.flush()
     title = f"# Elastic + rigid warp (training augmentation) on {meta['device']}\n\n"

@@ -186,6 +186,48 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return kib / 1024, "process peak RSS (ru_maxrss, cumulative)"
 
 
+def add_speedups(
+    rows: Iterable[dict],
+    baseline: str,
+    *,
+    by: Sequence[str] = ("case",),
+    column: str | None = None,
+    not_baselines: Iterable[str] = (),
+) -> None:
+    """Add speed-ups to the timed records of ``rows`` (those with a ``median_ms``), in
+    place, comparing records that share the fields ``by``:
+
+    - ``column`` (default ``speedup_vs_<baseline>``): the ``baseline`` provider's median
+      over the record's, where ``baseline`` was timed in the group;
+    - ``speedup_vs_best_baseline``: the fastest median of the providers that are not
+      fastcascade's (name not starting with ``fastcascade``, not in ``not_baselines``)
+      over the record's, where there is one.
+
+    >>> rows = [{"case": "a", "provider": "scipy", "median_ms": 4.0},
+    ...         {"case": "a", "provider": "fastcascade", "median_ms": 1.0}]
+    >>> add_speedups(rows, "scipy"); rows[1]["speedup_vs_scipy"]
+    4.0
+    """
+    column = f"speedup_vs_{baseline}" if column is None else column
+    not_baselines = set(not_baselines)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("median_ms"):
+            groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    for group in groups.values():
+        timed = {r["provider"]: r["median_ms"] for r in group}
+        baselines = [
+            t
+            for p, t in timed.items()
+            if not p.startswith("fastcascade") and p not in not_baselines
+        ]
+        for r in group:
+            if baseline in timed:
+                r[column] = timed[baseline] / r["median_ms"]
+            if baselines:
+                r["speedup_vs_best_baseline"] = min(baselines) / r["median_ms"]
+
+
 # -- output ----------------------------------------------------------------------------
 def result_path(out_dir: Path, name: str, device: torch.device, suffix: str = "") -> Path:
     """``<out_dir>/<name>-<device-slug>-<YYYY-MM-DD><suffix>.json``."""

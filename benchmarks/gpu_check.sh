@@ -71,7 +71,11 @@ area_plan() {
   case "$1" in
     kernels)
       plan compile_sm90     60   30  compile
-      plan tests_kernels   900   50  tests tests/test_ops_conv_bn_relu.py tests/test_ops_dilate.py \
+      plan tests_kernels   900   50  tests tests/test_ops_conv_bn_relu_kernel.py \
+                                           tests/test_ops_conv_bn_relu_reference.py \
+                                           tests/test_ops_conv_bn_relu_dispatch.py \
+                                           tests/test_ops_conv_bn_relu_table.py \
+                                           tests/test_ops_dilate.py \
                                            tests/test_ops_stitch_triton.py tests/test_ops_warp.py
       plan bench_kernels  1800   35  bench kernels
       plan bench_dilate    300   15  bench dilate

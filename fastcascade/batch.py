@@ -192,6 +192,74 @@ def write_failures(path: PathLike, failures: Sequence[Mapping[str, str]]) -> Non
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def completion_record(
+    source: PathLike,
+    *,
+    model: PathLike | None,
+    options: Mapping[str, Any],
+    postprocess: Mapping[str, Any],
+    device: str,
+    threads: int | None,
+    series: str | None = None,
+    fp16_probabilities: bool = False,
+) -> dict[str, Any]:
+    """What the completion marker of ``source``'s outputs records, before the outputs'
+    list is added (``SegmentationResult.save(marker=...)`` adds it): the input as it is
+    read now, the model, the options and the package's version. A later run that builds
+    the same record has nothing to do (:func:`marker_matches`).
+
+    - ``source``: the input scan (a file, or a DICOM folder or zip); recorded as its
+      resolved path, size in bytes and latest modification (ns); for a folder, over
+      all its files, with their count.
+    - ``model``: the saved cascade's path (resolved), or ``None`` for the embedded
+      model (recorded as ``"default"``).
+    - ``options``: the keyword arguments given to ``Predictor.segment`` (the fields of
+      :class:`~fastcascade.options.InferenceOptions`); tuples are recorded as lists.
+    - ``postprocess``: the label clean-up asked for (``{"organs": [...] | None,
+      "largest_component": bool}``); ``device``, ``threads``, ``series`` (a DICOM
+      series UID or ``None``) and ``fp16_probabilities``: as given.
+
+    Returns a dict of JSON values (keys in a fixed order: the marker's file reads the
+    same from run to run).
+
+    >>> completion_record("ct.nii.gz", model=None, options={"overlap": False},
+    ...                   postprocess={"organs": None, "largest_component": False},
+    ...                   device="auto", threads=None)["model"]  # doctest: +SKIP
+    'default'
+    """
+    from . import __version__
+
+    return {
+        "format": "fastcascade-segment",
+        "version": __version__,
+        "input": _input_record(Path(source)),
+        "series": series,
+        "model": "default" if model is None else str(Path(model).resolve()),
+        "options": {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+            "fp16_probabilities": fp16_probabilities,
+        },
+        "postprocess": dict(postprocess),
+        "device": device,
+        "threads": threads,
+    }
+
+
+def _input_record(source: Path) -> dict[str, Any]:
+    """The input as it was read: path, bytes and latest modification; for a folder, over
+    all its files (a folder's own time misses a file rewritten in place)."""
+    if not source.is_dir():
+        stat = source.stat()
+        return {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stats = [p.stat() for p in sorted(source.rglob("*")) if p.is_file()]
+    return {
+        "path": str(source.resolve()),
+        "files": len(stats),
+        "size": sum(s.st_size for s in stats),
+        "mtime_ns": max((s.st_mtime_ns for s in stats), default=source.stat().st_mtime_ns),
+    }
+
+
 def marker_matches(job: Job, record: Mapping[str, Any]) -> bool:
     """Whether the job's completion marker holds ``record`` (what a new run would write:
     input, model, options) and every output it lists still exists: then there is nothing

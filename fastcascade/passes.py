@@ -618,89 +618,59 @@ def run_slabs(
     outside ``mask``; ``probabilities`` (``(C, X, Y, Z)`` float32) background there too.
     """
     with torch.inference_mode():
-        return _run_slabs(
+        device = image.device
+        plan = plan_stage(
             network,
-            image,
             mask,
-            num_classes,
-            pad_value,
-            phases,
-            weights,
-            skip_empty,
-            memory_budget,
-            element_size,
-            probabilities,
-            progress,
+            phases=phases,
+            skip_empty=skip_empty,
+            memory_budget=memory_budget,
+            element_size=element_size,
         )
-
-
-def _run_slabs(
-    network,
-    image,
-    mask,
-    num_classes,
-    pad_value,
-    phases,
-    weights,
-    skip_empty,
-    memory_budget,
-    element_size,
-    probabilities,
-    progress,
-) -> StageOutput:
-    device = image.device
-    plan = plan_stage(
-        network,
-        mask,
-        phases=phases,
-        skip_empty=skip_empty,
-        memory_budget=memory_budget,
-        element_size=element_size,
-    )
-    labels = torch.zeros(mask.shape, dtype=torch.uint8, device=device)
-    probs = None
-    if probabilities:
-        probs = torch.zeros((num_classes, *mask.shape), dtype=torch.float32, device=device)
-        probs[0] = 1.0
-    done = computed = 0
-    total = len(plan.regions) * len(plan.phases)
-    pending = list(reversed(plan.regions))
-    while pending:
-        lo, hi = pending.pop()
-        try:
-            passes = _run_region(
-                network,
-                image,
-                mask,
-                plan,
-                (lo, hi),
-                num_classes,
-                pad_value,
-                weights,
-                labels,
-                probs,
-            )
-        except torch.cuda.OutOfMemoryError:
-            if all(b - a == 1 for a, b in zip(lo, hi, strict=True)):
-                raise
-            first, second = plan.planner.split((lo, hi))
-            pending += [second, first]
-            total += len(plan.phases)
-            continue
-        done += len(passes)
-        computed += sum(math.prod(p.out_size) for p in passes)
-        if progress is not None:
-            progress(done, total)
-    return StageOutput(
-        labels,
-        probs,
-        done,
-        plan.total,
-        computed,
-        math.prod(mask.shape),
-        inference="slabs",
-        memory_budget=plan.planner.budget,
-    )
+        labels = torch.zeros(mask.shape, dtype=torch.uint8, device=device)
+        probs = None
+        if probabilities:
+            probs = torch.zeros((num_classes, *mask.shape), dtype=torch.float32, device=device)
+            probs[0] = 1.0
+        done = computed = 0
+        total = len(plan.regions) * len(plan.phases)
+        pending = list(reversed(plan.regions))
+        while pending:
+            lo, hi = pending.pop()
+            try:
+                passes = _run_region(
+                    network,
+                    image,
+                    mask,
+                    plan,
+                    (lo, hi),
+                    num_classes,
+                    pad_value,
+                    weights,
+                    labels,
+                    probs,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if all(b - a == 1 for a, b in zip(lo, hi, strict=True)):
+                    raise
+                first, second = plan.planner.split((lo, hi))
+                pending += [second, first]
+                total += len(plan.phases)
+                continue
+            done += len(passes)
+            computed += sum(math.prod(p.out_size) for p in passes)
+            if progress is not None:
+                progress(done, total)
+        return StageOutput(
+            labels,
+            probs,
+            done,
+            plan.total,
+            computed,
+            math.prod(mask.shape),
+            inference="slabs",
+            memory_budget=plan.planner.budget,
+        )
 
 
 def _run_region(

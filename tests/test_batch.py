@@ -12,9 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from tiny_models import save_tiny_cascade, write_phantoms
 
-import fastcascade
 from fastcascade import batch, cli
 from fastcascade.api import Predictor
 from fastcascade.batch import Job, marker_matches, plan_jobs, select_part
@@ -22,38 +21,7 @@ from fastcascade.batch import Job, marker_matches, plan_jobs, select_part
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from fastcascade.config import Architecture, CascadeConfig, StageConfig
-    from fastcascade.model import UNet3D
-    from fastcascade.model.checkpoint import save_cascade
-
-    torch.manual_seed(0)
-    arch = Architecture(num_classes=11, base_channels=2, levels=2, padding="same")
-    config = CascadeConfig(
-        spacing=(6.0, 6.0, 6.0),
-        stage1=StageConfig(window=(-1000.0, 1000.0), tile=(16, 16, 16), architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=(16, 16, 16), architecture=arch),
-    )
-    nets = []
-    for _ in range(2):
-        net = UNet3D.from_architecture(arch)
-        torch.nn.init.normal_(net.classifier.bias, 0.0, 2.0)  # C2 not empty
-        nets.append(net)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_cascade(path, config, *nets)
-    return path.with_suffix(".safetensors")
-
-
-def write_phantoms(folder: Path, seeds=(1, 2, 3), corrupt: str | None = None) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in seeds:
-        ph = fastcascade.phantom.make_phantom(shape=(40, 36, 32), spacing=(6, 6, 6), seed=k)
-        path = folder / f"case{k}.nii.gz"
-        nib.save(ph.to_nifti()[0], path)
-        paths.append(path)
-    if corrupt is not None:
-        (folder / corrupt).write_bytes(b"this is not a NIfTI file")
-    return paths
+    return save_tiny_cascade(tmp_path_factory.mktemp("model") / "tiny", foreground_bias=True)
 
 
 @pytest.fixture

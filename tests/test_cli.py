@@ -259,19 +259,10 @@ def test_segment_failed_write_keeps_the_old_output(ct_file, fake, tmp_path, monk
 @pytest.mark.slow
 def test_segment_end_to_end(tmp_path, capsys):
     """The real cascade (tiny random model) through the CLI, on a RAS and an LPS copy."""
-    from fastcascade.config import Architecture, CascadeConfig, StageConfig
-    from fastcascade.model import UNet3D
-    from fastcascade.model.checkpoint import save_cascade
+    from tiny_models import save_tiny_cascade
 
-    arch = Architecture(num_classes=len(CLASS_NAMES), base_channels=4, levels=2, padding="same")
-    config = CascadeConfig(
-        spacing=(4.0, 4.0, 4.0),
-        stage1=StageConfig(tile=(16, 16, 16), architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=(16, 16, 16), architecture=arch),
-    )
-    torch.manual_seed(0)
     model = tmp_path / "model"
-    save_cascade(model, config, UNet3D.from_architecture(arch), UNet3D.from_architecture(arch))
+    save_tiny_cascade(model, spacing=4.0, base_channels=4)
 
     data = np.full((20, 18, 14), -1000, np.int16)
     data[4:16, 4:14, 3:11] = 40

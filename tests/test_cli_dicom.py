@@ -231,20 +231,12 @@ def test_missing_extra_is_one_line_naming_the_install(
 def test_dicom_end_to_end_matches_nifti(tmp_path, capsys):
     """The real cascade (tiny random model) on one volume as RAS NIfTI and as an LPS
     DICOM series with shuffled file names: the same labels at the same places."""
-    from fastcascade.config import Architecture, CascadeConfig, StageConfig
-    from fastcascade.io.dicom import read_series
-    from fastcascade.model import UNet3D
-    from fastcascade.model.checkpoint import save_cascade
+    from tiny_models import save_tiny_cascade
 
-    arch = Architecture(num_classes=len(CLASS_NAMES), base_channels=4, levels=2, padding="same")
-    config = CascadeConfig(
-        spacing=(4.0, 4.0, 4.0),
-        stage1=StageConfig(tile=(16, 16, 16), architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=(16, 16, 16), architecture=arch),
-    )
-    torch.manual_seed(0)
+    from fastcascade.io.dicom import read_series
+
     model = tmp_path / "model"
-    save_cascade(model, config, UNet3D.from_architecture(arch), UNet3D.from_architecture(arch))
+    save_tiny_cascade(model, spacing=4.0, base_channels=4)
 
     hu = np.full((20, 18, 14), -1000, np.int16)  # (x, y, z) RAS
     hu[4:16, 4:14, 3:11] = 40

@@ -15,9 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from tiny_models import save_tiny_cascade, write_phantoms
 
-import fastcascade
 from fastcascade import cli
 
 
@@ -43,31 +42,9 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from fastcascade.config import Architecture, CascadeConfig, StageConfig
-    from fastcascade.model import UNet3D
-    from fastcascade.model.checkpoint import save_cascade
-
-    torch.manual_seed(0)
-    arch = Architecture(num_classes=11, base_channels=2, levels=2, padding="same")
-    config = CascadeConfig(
-        spacing=(6.0, 6.0, 6.0),
-        stage1=StageConfig(window=(-1000.0, 1000.0), tile=(16, 16, 16), architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=(16, 16, 16), architecture=arch),
-    )
     # Random networks: one class over the body, background elsewhere; the background
     # differs between the phantoms, so outputs given the wrong scan's labels would show.
-    nets = [UNet3D.from_architecture(arch) for _ in range(2)]
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_cascade(path, config, *nets)
-    return path.with_suffix(".safetensors")
-
-
-def write_phantoms(folder: Path) -> None:
-    folder.mkdir(parents=True)
-    for k in (1, 2, 3):
-        ph = fastcascade.phantom.make_phantom(shape=(40, 36, 32), spacing=(6, 6, 6), seed=k)
-        nib.save(ph.to_nifti()[0], folder / f"case{k}.nii.gz")
-    (folder / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+    return save_tiny_cascade(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def test_ray_actors_write_what_the_command_writes(tmp_path, model, ray_cluster, monkeypatch):
@@ -75,7 +52,7 @@ def test_ray_actors_write_what_the_command_writes(tmp_path, model, ray_cluster, 
     from fastcascade.cli.ray_batch import segment_on_ray
 
     scans = tmp_path / "scans"
-    write_phantoms(scans)
+    write_phantoms(scans, corrupt="broken.nii.gz")
     by_cli, by_ray = tmp_path / "cli", tmp_path / "ray"
     argv = ["segment", str(scans), "-o", str(by_cli), "--model", str(model)]
     rc = cli.main([*argv, "--device", "cpu", "--threads", "1", "--no-overlap", "--quiet"])

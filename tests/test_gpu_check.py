@@ -55,7 +55,7 @@ def test_quick_run_of_every_area_fits_five_minutes():
     assert names[:2] == ["install", "preflight"]
     # every kernel's tests and benchmark, the body mask, the whole cascade
     runs = " ".join(r for _, _, r in rows)
-    for needed in ("test_ops_warp.py", "test_ops_dilate.py", "test_ops_conv_bn_relu.py"):
+    for needed in ("test_ops_warp.py", "test_ops_dilate.py", "test_ops_conv_bn_relu_kernel.py"):
         assert needed in runs
     for area in ("kernels", "dilate", "warp", "morphology"):
         assert f"bench {area}" in runs

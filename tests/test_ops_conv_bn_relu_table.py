@@ -1,6 +1,7 @@
 """The committed tuning table of the fused conv-BN-ReLU as data (``table.json``): what
 the package loads from it, that the writer reproduces the committed file byte for byte,
-and that a malformed file is refused with a message naming it."""
+that a malformed file is refused with a message naming it, that it covers every layer
+of the U-Net with valid entries, and the interpreter's one fixed configuration."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from conv_bn_relu_cases import needs_interpreter, unet_layer_shapes
 
 from fastcascade.ops import conv_bn_relu as cbr
 from fastcascade.ops.conv_bn_relu import configs
@@ -74,3 +77,26 @@ def test_malformed_table_is_refused_naming_the_file(tmp_path, data, match):
     with pytest.raises(ValueError, match=match) as info:
         configs.load_table(path)
     assert str(path) in str(info.value)
+
+
+# -- the committed configuration table -------------------------------------------------------
+@pytest.mark.parametrize("base", [8, 16, 32], ids=lambda b: f"base{b}")
+def test_table_covers_every_unet_layer(base):
+    missing = unet_layer_shapes(base) - set(cbr.CONFIGS)
+    assert not missing, f"layer shapes without a committed configuration: {sorted(missing)}"
+
+
+def test_table_entries_are_valid():
+    for (cin, cout), cfg in cbr.CONFIGS.items():
+        assert cfg["provider"] in ("triton", "cudnn"), (cin, cout)
+        assert isinstance(cfg["tuned"], bool)
+        for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (cin, cout, key)
+        assert cfg["num_warps"] in (1, 2, 4, 8, 16) and 1 <= cfg["num_stages"] <= 6
+        assert cfg["BLOCK_N"] <= max(32, 2 * cout)  # no block much wider than the layer
+
+
+@needs_interpreter
+def test_interpreter_uses_one_fixed_config():
+    for cin, cout in [(1, 32), (768, 256)]:
+        assert cbr.kernel_config(cin, cout, torch.bfloat16) == cbr.INTERPRETER_CONFIG

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tiny_models import train_config, two_organ_volume
 
 import fastcascade.train.trainer as trainer
-from fastcascade.config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
 from fastcascade.model.checkpoint import load_training_checkpoint
 from fastcascade.model.unet3d import UNet3D
 from fastcascade.ops.intensity import apply_window
@@ -33,16 +33,7 @@ SHAPE = (24, 22, 20)
 
 def _volume(seed):
     """A box of soft tissue in air with two organs (distinct HU)."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.full(SHAPE, -1000.0)
-    image[2:-2, 2:-2, 2:-2] = 40 + 15 * torch.randn(tuple(n - 4 for n in SHAPE), generator=g)
-    labels = torch.zeros(SHAPE, dtype=torch.uint8)
-    o = seed % 3
-    labels[4 + o : 12 + o, 4:12, 3:10] = 1
-    labels[13:20, 10 - o : 18 - o, 9:16] = 2
-    image[labels == 1] += 80
-    image[labels == 2] -= 60
-    return image, labels
+    return two_organ_volume(seed, SHAPE, ((4, 12), (4, 12), (3, 10)), ((13, 20), (10, 18), (9, 16)))
 
 
 class Source:
@@ -70,22 +61,10 @@ def flip_augment(image, labels, generator):
     return image, labels
 
 
-def _config():
-    arch = Architecture(num_classes=len(CLASS_NAMES), base_channels=2, levels=2, padding="same")
-    tiles = (TILE, TILE, TILE)
-    return CascadeConfig(
-        class_names=tuple(CLASS_NAMES),
-        spacing=(3.0, 3.0, 3.0),
-        radius=1,
-        stage1=StageConfig(tile=tiles, architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=tiles, architecture=arch),
-    )
-
-
 def _train(rank, out, iterations, resume=False, log=None, **kw):
     return trainer.train_stage(
         1,
-        _config(),
+        train_config(tile=TILE),
         Source(distributed.rank_seed(SEED, rank)),
         out,
         iterations,
@@ -145,7 +124,7 @@ def _reference():
     """One process, two micro-batches per step (rank 1's, then rank 0's), each rank's
     data drawn as that rank's trainer draws it; gradients accumulated, mean over ranks;
     BatchNorm running statistics from rank 0's micro-batch alone (as DDP keeps them)."""
-    config = _config()
+    config = train_config(tile=TILE)
     arch = config.stage1.architecture
     torch.manual_seed(SEED)
     model = UNet3D.from_architecture(arch).to(memory_format=torch.channels_last_3d)
@@ -202,7 +181,7 @@ def test_two_processes_equal_one_accumulating_the_same_micro_batches(runs):
     np.testing.assert_allclose(state["losses"], losses, rtol=1e-5)
     ref = reference.state_dict()
     assert state["model"].keys() == ref.keys()
-    initial = UNet3D.from_architecture(_config().stage1.architecture).state_dict()
+    initial = UNet3D.from_architecture(train_config(tile=TILE).stage1.architecture).state_dict()
     checked = off = count = 0
     for k, value in ref.items():
         # A convolution's bias right before BatchNorm (training mode) cancels: its true
@@ -220,7 +199,7 @@ def test_two_processes_equal_one_accumulating_the_same_micro_batches(runs):
         checked += int(not torch.equal(value, initial[k]))
     assert off < 0.02 * count, (off, count)
     assert checked > len(ref) // 3  # the weights did train
-    ddp = UNet3D.from_architecture(_config().stage1.architecture)
+    ddp = UNet3D.from_architecture(train_config(tile=TILE).stage1.architecture)
     ddp.load_state_dict(state["model"])
     x = torch.randn(2, 1, TILE, TILE, TILE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -232,7 +211,7 @@ def test_two_processes_equal_one_accumulating_the_same_micro_batches(runs):
 
 def initial_output(x):
     torch.manual_seed(SEED)
-    return UNet3D.from_architecture(_config().stage1.architecture).train()(x)
+    return UNet3D.from_architecture(train_config(tile=TILE).stage1.architecture).train()(x)
 
 
 def test_rank0_alone_writes_checkpoints_holding_every_rank_state(runs):

@@ -1,13 +1,13 @@
 """Contrast-phase re-painting: targets per phase, texture kept, a blended one-voxel rim,
 everything else bit-identical; oracles from SciPy (erosion, dilation, a box filter)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from conftest import CASE_A_NAMES, CASE_E_CT, CASE_E_NAMES, CASE_E_SEG
 from scipy import ndimage
 
+from fastcascade.io.structures import read_structure_names
 from fastcascade.train.repaint import (
     KINDS,
     PHASE_HU,
@@ -260,13 +260,6 @@ def test_input_errors():
     assert isinstance(plan_repaint(NAMES, "arterial", g), RepaintPlan)
 
 
-def _case_names(path):
-    if path.suffix == ".json":
-        return {int(k): v for k, v in json.loads(path.read_text()).items()}
-    rows = [line.split(",") for line in path.read_text().splitlines()[1:] if line.strip()]
-    return {int(r[3]): r[2] for r in rows}
-
-
 def test_real_scans_repaint_in_range(case_a_paths):
     # Case A (non-contrast) made arterial and case E (arterial) made non-contrast, on a
     # crop around the upper abdomen: the moved structures' cores reach the phase's range,
@@ -274,29 +267,28 @@ def test_real_scans_repaint_in_range(case_a_paths):
     import nibabel as nib
 
     ct_a, seg_a = case_a_paths
-    case_e = ct_a.parents[1] / "case_e"
     cases = [
         (
             ct_a,
             seg_a,
-            ct_a.parent / "class_map_total_v2.json",
+            CASE_A_NAMES,
             "arterial",
             np.s_[20:100, 20:90, 60:100],
         ),
     ]
-    if (case_e / "ct.nii.gz").exists():
+    if CASE_E_CT.exists():
         cases.append(
             (
-                case_e / "ct.nii.gz",
-                case_e / "seg.nii.gz",
-                case_e / "structures.csv",
+                CASE_E_CT,
+                CASE_E_SEG,
+                CASE_E_NAMES,
                 "non_contrast",
                 np.s_[96:416:2, 96:416:2, 10:40],
             )
         )
     checked = []
     for ct_path, seg_path, names_path, phase, crop in cases:
-        names = _case_names(names_path)
+        names = read_structure_names(names_path)
         ct = torch.from_numpy(np.asarray(nib.load(ct_path).dataobj[crop], dtype=np.float32))
         seg = torch.from_numpy(np.asarray(nib.load(seg_path).dataobj[crop], dtype=np.uint8))
         out = repaint(ct, seg, names, phase, torch.Generator().manual_seed(0))

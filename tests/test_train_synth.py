@@ -3,13 +3,14 @@ steps, one intensity distribution per structure as drawn, air and body on their 
 the body threshold, the acquisition resolution on the same grid."""
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import CASE_A_NAMES, CASE_E_CT, CASE_E_NAMES, CASE_E_SEG
 from scipy import ndimage
 
+from fastcascade.io.structures import read_structure_names
 from fastcascade.ops.morphology import body_mask
 from fastcascade.ops.warp import warp_ref
 from fastcascade.train.repaint import PHASE_HU
@@ -339,42 +340,34 @@ def test_input_errors():
         SynthParams(tissue_min_hu=-400.0)
 
 
-def _case_names(path):
-    if path.suffix == ".json":
-        return {int(k): v for k, v in json.loads(path.read_text()).items()}
-    rows = [line.split(",") for line in path.read_text().splitlines()[1:] if line.strip()]
-    return {int(r[3]): r[2] for r in rows}
-
-
 def test_real_label_maps_synthesize_in_range(case_a_paths):
     # One synthesis per real case on a crop: labels kept, air below -500, body above -300,
     # organs within their priors' reach, and every kind of the real maps recognised.
     import nibabel as nib
 
     ct_a, seg_a = case_a_paths
-    case_e = ct_a.parents[1] / "case_e"
     cases = [
         (
             ct_a,
             seg_a,
-            ct_a.parent / "class_map_total_v2.json",
+            CASE_A_NAMES,
             (3.0,) * 3,
             np.s_[10:110, 10:95, 50:80],
         )
     ]
-    if (case_e / "ct.nii.gz").exists():
+    if CASE_E_CT.exists():
         cases.append(
             (
-                case_e / "ct.nii.gz",
-                case_e / "seg.nii.gz",
-                case_e / "structures.csv",
+                CASE_E_CT,
+                CASE_E_SEG,
+                CASE_E_NAMES,
                 (2.8, 2.8, 2.5),
                 np.s_[32:480:4, 32:480:4, 10:40],
             )
         )
     checked = []
     for ct_path, seg_path, names_path, spacing, crop in cases:
-        names = _case_names(names_path)
+        names = read_structure_names(names_path)
         assert all(structure_kind(n) in KIND_PRIORS for n in names.values())
         hu = torch.from_numpy(np.asarray(nib.load(ct_path).dataobj[crop], dtype=np.float32))
         seg = torch.from_numpy(np.asarray(nib.load(seg_path).dataobj[crop], dtype=np.uint8))

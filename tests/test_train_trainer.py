@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import train_config, two_organ_volume
 
-from fastcascade.config import CLASS_NAMES, Architecture, CascadeConfig, StageConfig
+from fastcascade.config import CLASS_NAMES, CascadeConfig
 from fastcascade.io.scan import load_scan
 from fastcascade.model.checkpoint import load_cascade, load_training_checkpoint, save_cascade
 from fastcascade.model.unet3d import UNet3D
@@ -25,16 +26,7 @@ SHAPE = (20, 18, 16)
 
 def _volume(seed, shape=SHAPE):
     """A box of soft tissue in air with two organs: body mask, labels, distinct HU."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.full(shape, -1000.0)
-    image[2:-2, 2:-2, 2:-2] = 40 + 15 * torch.randn(tuple(n - 4 for n in shape), generator=g)
-    labels = torch.zeros(shape, dtype=torch.uint8)
-    o = seed % 3
-    labels[4 + o : 10 + o, 4:10, 3:9] = 1
-    labels[11:16, 9 - o : 15 - o, 8:13] = 2
-    image[labels == 1] += 80
-    image[labels == 2] -= 60
-    return image, labels
+    return two_organ_volume(seed, shape, ((4, 10), (4, 10), (3, 9)), ((11, 16), (9, 15), (8, 13)))
 
 
 class SynthSource:
@@ -57,18 +49,6 @@ class SynthSource:
         self.generator.set_state(state["generator"])
 
 
-def _config(padding="same", tile=8, class_names=CLASS_NAMES):
-    arch = Architecture(num_classes=len(class_names), base_channels=2, levels=2, padding=padding)
-    tiles = (tile, tile, tile)
-    return CascadeConfig(
-        class_names=tuple(class_names),
-        spacing=(3.0, 3.0, 3.0),
-        radius=1,
-        stage1=StageConfig(tile=tiles, architecture=arch),
-        stage2=StageConfig(window=(-200.0, 400.0), tile=tiles, architecture=arch),
-    )
-
-
 def flip_augment(image, labels, generator):
     """A cheap random augmentation that consumes the generator (flips and a HU shift)."""
     for axis in range(3):
@@ -82,7 +62,7 @@ def _train(out, iterations, stage=1, resume=False, log=None, config=None, **kw):
     kw.setdefault("augment", flip_augment)
     return train_stage(
         stage,
-        config or _config(),
+        config or train_config(),
         kw.pop("source", None) or SynthSource(),
         out,
         iterations,
@@ -140,7 +120,7 @@ def test_resume_is_bit_identical(tmp_path, stage, augment):
             assert torch.equal(v["exp_avg_sq"], c["optimizer"]["state"][k]["exp_avg_sq"])
     # and the run did train: the weights moved from their initialisation
     torch.manual_seed(3)
-    init = UNet3D.from_architecture(_config().stage1.architecture)
+    init = UNet3D.from_architecture(train_config().stage1.architecture)
     assert not torch.equal(init.classifier.weight, straight.classifier.weight.cpu())
 
 
@@ -151,7 +131,7 @@ def test_without_augmentation_also_resumes(tmp_path):
 
 
 def test_valid_padding_network_trains(tmp_path):
-    config = _config("valid", tile=20)
+    config = train_config("valid", tile=20)
     model = _train(tmp_path, 2, config=config)
     assert model.output_size((20, 20, 20)) == (4, 4, 4)
     losses = load_training_checkpoint(checkpoint_path(tmp_path, 1))["losses"]
@@ -167,7 +147,7 @@ def test_checkpoint_contents(tmp_path):
     ):  # fmt: skip
         assert key in ckpt, key
     assert ckpt["stage"] == 2 and ckpt["iteration"] == 2
-    assert CascadeConfig.from_dict(ckpt["config"]) == _config()
+    assert CascadeConfig.from_dict(ckpt["config"]) == train_config()
     assert ckpt["source"]["draws"] == 4 and ckpt["sampler"]["drawn"] == 4
     assert set(ckpt["rng"]) == {"torch", "numpy", "python"}
     assert json.loads((tmp_path / "stage2_losses.json").read_text())["losses"] == ckpt["losses"]
@@ -183,7 +163,7 @@ def test_only_the_region_counts(tmp_path):
         return labels == 1
 
     torch.manual_seed(3)
-    init = UNet3D.from_architecture(_config().stage1.architecture)
+    init = UNet3D.from_architecture(train_config().stage1.architecture)
     model = _train(tmp_path, 4, stage=2, candidate_fn=liver_only, augment=False)
     assert load_training_checkpoint(checkpoint_path(tmp_path, 2))["losses"] == [0.0] * 4
     for (name, p0), p1 in zip(init.named_parameters(), model.parameters(), strict=True):
@@ -212,7 +192,7 @@ def test_loss_decreases(tmp_path):
 
 
 def test_init_state_and_zero_iterations(tmp_path):
-    source_model = UNet3D.from_architecture(_config().stage1.architecture)
+    source_model = UNet3D.from_architecture(train_config().stage1.architecture)
     with torch.no_grad():
         for p in source_model.parameters():
             p.uniform_(-1, 1)
@@ -226,7 +206,7 @@ def test_rejects_mismatches(tmp_path):
         _train(tmp_path / "a", 1, source=SynthSource(spacing=(1.5, 1.5, 1.5)))
     _train(tmp_path / "b", 1)
     with pytest.raises(ValueError, match="another config"):
-        _train(tmp_path / "b", 2, resume=True, config=_config(tile=16))
+        _train(tmp_path / "b", 2, resume=True, config=train_config(tile=16))
     with pytest.raises(ValueError, match="stage must be"):
         _train(tmp_path / "c", 1, stage=3)
     bad = UNet3D(num_classes=3, base_channels=2, levels=2).state_dict()
@@ -237,7 +217,7 @@ def test_rejects_mismatches(tmp_path):
 @pytest.mark.parametrize("winner, want_all", [(0, False), (1, True)], ids=["bg", "fg"])
 @pytest.mark.parametrize("padding, tile", [("same", 8), ("valid", 20)])
 def test_stage1_candidates_cover_the_volume(winner, want_all, padding, tile):
-    config = _config(padding, tile)
+    config = train_config(padding, tile)
     model = UNet3D.from_architecture(config.stage1.architecture)
     with torch.no_grad():
         model.classifier.weight.zero_()
@@ -260,7 +240,7 @@ def test_stage1_candidates_are_the_dilated_argmax():
     """Oracle: each tile through the network by plain slicing, argmax, SciPy dilation."""
     from scipy import ndimage
 
-    config = _config("same", tile=8)  # radius 1 on an isotropic grid: the 6-neighbourhood
+    config = train_config("same", tile=8)  # radius 1 on an isotropic grid: the 6-neighbourhood
     torch.manual_seed(0)
     model = UNet3D.from_architecture(config.stage1.architecture)
     model(torch.randn(2, 1, 8, 8, 8))  # non-trivial BatchNorm statistics
@@ -368,7 +348,7 @@ def test_the_loss_ignores_the_margin_at_a_cut_face_only(tmp_path, region_z, marg
         return (image_hu > -300) & where
 
     torch.manual_seed(3)
-    init = UNet3D.from_architecture(_config().stage1.architecture)
+    init = UNet3D.from_architecture(train_config().stage1.architecture)
     model = _train(tmp_path, 2, stage=2, candidate_fn=region, augment=False, intensity=False,
                    cut_margin=margin, source=CutSource())  # fmt: skip
     ckpt = load_training_checkpoint(checkpoint_path(tmp_path, 2))
@@ -403,7 +383,7 @@ NEW = ("background", "spleen", "pancreas", "liver")
 
 
 def _saved_cascade(tmp_path):
-    config = _config(class_names=OLD)
+    config = train_config(class_names=OLD)
     torch.manual_seed(1)
     s1 = UNet3D.from_architecture(config.stage1.architecture).eval()
     s2 = UNet3D.from_architecture(config.stage2.architecture).eval()
@@ -460,7 +440,7 @@ def test_finetune_copies_shared_rows(tmp_path):
 def test_finetune_records_its_own_training(tmp_path):
     import dataclasses
 
-    config = dataclasses.replace(_config(class_names=OLD), training={"source": "the old mix"})
+    config = dataclasses.replace(train_config(class_names=OLD), training={"source": "the old mix"})
     s1 = UNet3D.from_architecture(config.stage1.architecture).eval()
     s2 = UNet3D.from_architecture(config.stage2.architecture).eval()
     save_cascade(tmp_path / "old" / "model", config, s1, s2, dtype=torch.float32)
@@ -486,7 +466,7 @@ def test_finetune_learning_rate_is_ten_times_smaller(tmp_path):
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [pytest.approx(lr * 0.1)]
     # Adam's first step moves each weight by lr·sign(g) (up to eps): measure it
     torch.manual_seed(1)
-    start = UNet3D.from_architecture(_config(class_names=OLD).stage1.architecture)
+    start = UNet3D.from_architecture(train_config(class_names=OLD).stage1.architecture)
     step = (f1.encoder[0][0].conv.weight - start.encoder[0][0].conv.weight).detach().abs()
     assert float(step.max()) == pytest.approx(lr * 0.1, rel=1e-3)
 

@@ -136,7 +136,7 @@ def segment_on_ray(
 
 class _SegmentActor:
     """One Ray actor: the model loaded once; each batch of jobs run as the command runs
-    its share (``fastcascade.cli.segment_batch``)."""
+    its share (``segment_batch.job_steps``: the same reading, saving and marker)."""
 
     def __init__(self, args) -> None:
         import fastcascade
@@ -151,30 +151,15 @@ class _SegmentActor:
     def __call__(self, batch):
         import pandas as pd
 
-        from ..batch import marker_matches, run_batch
-        from ..io.scan import load_scan
-        from . import segment_options, segment_outputs
-        from .segment import _marker
+        from ..batch import run_batch
+        from . import segment_batch, segment_options
 
-        args, options = self.args, self.options
+        args = self.args
         jobs = [
             Job(Path(i), Path(o), None if _missing(e) else e)
             for i, o, e in zip(batch["input"], batch["output"], batch["error"], strict=True)
         ]
-
-        def load(job):
-            record = _marker(args, job.input, options)  # the input as it is read
-            return record, load_scan(str(job.input), hu_check=options["hu_check"])
-
-        def process(job, loaded) -> None:
-            record, scan = loaded
-            result = self.predictor.segment(scan, **options)
-            result = segment_outputs.apply(result, args)
-            result.save(job.output, marker=record)
-
-        def done(job) -> bool:
-            return not args.overwrite and marker_matches(job, _marker(args, job.input, options))
-
+        load, process, done = segment_batch.job_steps(args, self.options, self.predictor)
         with segment_options.threads(args.threads):
             report = run_batch(jobs, load, process, done=done, show_progress=False)
         rows = [(str(p), "segmented", "") for p in report.segmented]

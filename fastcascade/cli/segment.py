@@ -187,7 +187,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             args.output,
             args.probabilities,
             "float16" if args.fp16_probabilities else "float32",
-            marker=_marker(args, source, options),
+            marker=segment_batch.marker_record(args, source, options),
             dicom_seg=args.dicom_seg,
             **segment_outputs.save_arguments(args),
         )
@@ -195,42 +195,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         timings = {**result.timings, "write": time.perf_counter() - t0}
         print(_summary(result, timings, written))
     return 0
-
-
-def _marker(args: argparse.Namespace, source: Path, options: dict) -> dict:
-    """What the completion marker records: the input file as it was read, the model, the
-    options and the package's version; a re-run with the same record has nothing to do."""
-    from .env import package_version
-
-    return {
-        "format": "fastcascade-segment",
-        "version": package_version(),
-        "input": _input_record(source),
-        "series": args.series,
-        "model": "default" if args.model is None else str(Path(args.model).resolve()),
-        "options": {
-            **segment_options.record(options),
-            "fp16_probabilities": args.fp16_probabilities,
-        },
-        "postprocess": segment_outputs.record(args),
-        "device": args.device,
-        "threads": args.threads,
-    }
-
-
-def _input_record(source: Path) -> dict:
-    """The input as it was read: path, bytes and latest modification; for a folder, over
-    all its files (a folder's own time misses a file rewritten in place)."""
-    if not source.is_dir():
-        stat = source.stat()
-        return {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    stats = [p.stat() for p in sorted(source.rglob("*")) if p.is_file()]
-    return {
-        "path": str(source.resolve()),
-        "files": len(stats),
-        "size": sum(s.st_size for s in stats),
-        "mtime_ns": max((s.st_mtime_ns for s in stats), default=source.stat().st_mtime_ns),
-    }
 
 
 def _check_distinct(outputs: Sequence[Path]) -> None:

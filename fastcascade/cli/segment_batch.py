@@ -19,9 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import segment_options, segment_outputs
+
+if TYPE_CHECKING:
+    from ..batch import Job
 
 #: Flags that name one output file, which several scans cannot share.
 _ONE_FILE_FLAGS = {
@@ -80,18 +85,8 @@ def is_batch(args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Segment every scan of this process's part; returns 0, or 1 if any failed."""
-    from ..batch import (
-        failures_path,
-        marker_matches,
-        plan_jobs,
-        read_list,
-        run_batch,
-        select_part,
-        write_failures,
-    )
+    from ..batch import failures_path, plan_jobs, read_list, run_batch, select_part, write_failures
     from ..io.atomic import output_folders
-    from ..io.scan import load_scan
-    from .segment import _marker
 
     for name, flag in _ONE_FILE_FLAGS.items():
         if getattr(args, name) is not None:
@@ -112,20 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     with segment_options.threads(args.threads):
         predictor = fastcascade.load_model(args.model, device=_device(args.device))
-
-        def load(job):
-            record = _marker(args, job.input, options)  # the input as it is read
-            return record, load_scan(str(job.input), hu_check=options["hu_check"])
-
-        def process(job, loaded) -> None:
-            record, scan = loaded
-            result = predictor.segment(scan, **options)
-            result = segment_outputs.apply(result, args)
-            result.save(job.output, marker=record)
-
-        def done(job) -> bool:
-            return not args.overwrite and marker_matches(job, _marker(args, job.input, options))
-
+        load, process, done = job_steps(args, options, predictor)
         with output_folders([outdir]):
             report = run_batch(
                 mine,
@@ -152,6 +134,52 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastcascade segment: failures listed in {failures}", file=sys.stderr)
         return 1
     return 0
+
+
+def job_steps(
+    args: argparse.Namespace, options: dict[str, Any], predictor
+) -> tuple[Callable[[Job], Any], Callable[[Job, Any], None], Callable[[Job], bool]]:
+    """The command's ``load``, ``process`` and ``done`` for
+    :func:`fastcascade.batch.run_batch` (also what each Ray actor runs,
+    ``fastcascade.cli.ray_batch``): read a scan and its completion record, segment it with
+    ``predictor`` (a :class:`~fastcascade.api.Predictor`) and ``options`` (from
+    ``segment_options.options(args)``), apply the clean-up flags and save the labels with
+    their marker; a job is done when its marker matches (unless ``--overwrite``)."""
+    from ..batch import marker_matches
+    from ..io.scan import load_scan
+
+    def load(job: Job) -> tuple[dict[str, Any], Any]:
+        record = marker_record(args, job.input, options)  # the input as it is read
+        return record, load_scan(str(job.input), hu_check=options["hu_check"])
+
+    def process(job: Job, loaded: tuple[dict[str, Any], Any]) -> None:
+        record, scan = loaded
+        result = predictor.segment(scan, **options)
+        result = segment_outputs.apply(result, args)
+        result.save(job.output, marker=record)
+
+    def done(job: Job) -> bool:
+        return not args.overwrite and marker_matches(job, marker_record(args, job.input, options))
+
+    return load, process, done
+
+
+def marker_record(args: argparse.Namespace, source: Path, options: dict[str, Any]) -> dict:
+    """The completion record (:func:`fastcascade.batch.completion_record`) of the
+    command's outputs for ``source``: its model, ``options``
+    (``segment_options.options(args)``), clean-up, device, threads and series flags."""
+    from ..batch import completion_record
+
+    return completion_record(
+        source,
+        model=args.model,
+        options=options,
+        postprocess=segment_outputs.record(args),
+        device=args.device,
+        threads=args.threads,
+        series=args.series,
+        fp16_probabilities=args.fp16_probabilities,
+    )
 
 
 def _part(args: argparse.Namespace) -> tuple[int, int]:

@@ -169,11 +169,6 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def record(opts: dict[str, Any]) -> dict[str, Any]:
-    """``opts`` as JSON values (the completion marker records them)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
-
-
 @contextlib.contextmanager
 def threads(count: int | None) -> Iterator[None]:
     """PyTorch's intra-op thread count set to ``count`` for the block (``None``: left
