@@ -153,6 +153,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds a CPU compile probe may take before torch_best is skipped "
         f"(default with --quick: {QUICK_COMPILE_BUDGET_S:.0f}; else no probe)",
     )
+    p.add_argument(
+        "--allocator",
+        choices=("kept", "system"),
+        default="kept",
+        help="kept: glibc keeps freed memory for reuse, as the fastcascade command sets it "
+        "(fastcascade.memory.keep_freed_memory); system: glibc's defaults, as a Python "
+        "program embedding the library gets them (default: kept)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument(
         "--data",
@@ -186,6 +194,17 @@ def main(argv=None) -> int:
         budget = QUICK_COMPILE_BUDGET_S
 
     notes: list[str] = []
+    if args.allocator == "kept":
+        from fastcascade.memory import keep_freed_memory
+
+        kept = keep_freed_memory()
+        notes.append(
+            "Allocator: glibc keeps freed memory for reuse, as the fastcascade command sets it"
+            if kept
+            else "Allocator: --allocator kept asked for, but this C library is not glibc"
+        )
+    else:
+        notes.append("Allocator: glibc's defaults (large blocks mapped and unmapped each time)")
     if not gpu:
         notes.append(
             "CPU: fastcascade is pure PyTorch here, so torch_best differs only by "
@@ -214,6 +233,7 @@ def main(argv=None) -> int:
             "repeats": repeats,
             "batch_size": args.batch_size,
             "device": str(device),
+            "allocator": args.allocator,
         },
         "timed_region": "Predictor.segment() on an in-memory float32 HU volume + affine, to "
         "NumPy labels on the input grid; per-step seconds from its timings",

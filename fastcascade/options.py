@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .io.limits import available_memory
+from .memory import available_memory
 from .ops._backend import cuda_free_memory
 from .ops.morphology import BACKENDS as BODY_MASK_BACKENDS
 
@@ -47,7 +47,7 @@ AUTO_SHARE = {"cpu": 0.5, "cuda": 0.8}
 def resolve_memory_budget(budget: int | str | None, device: torch.device | str) -> int | None:
     """``memory_budget`` in bytes on ``device``: ``"auto"`` is :data:`AUTO_SHARE` of the
     memory free there now (on a GPU the driver's free memory and PyTorch's unused cache;
-    on the CPU :func:`~fastcascade.io.limits.available_memory`: ``MemAvailable``, a
+    on the CPU :func:`~fastcascade.memory.available_memory`: ``MemAvailable``, a
     container's limit and ``FASTCASCADE_MAX_MEMORY``), read when the stage starts;
     ``None`` (no limit) and a number of bytes stay as they are. Results do not depend on
     the budget beyond floating-point summation order: it only decides how regions are cut.

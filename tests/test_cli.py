@@ -451,10 +451,10 @@ def test_module_entry_points(argv, expected):
     assert fastcascade.__version__ == "0.1.0"
 
 
-def test_console_script_is_the_cli_main():
+def test_console_script_is_the_cli_run():
     text = (REPO / "pyproject.toml").read_text()
-    assert 'fastcascade = "fastcascade.cli:main"' in text
-    assert callable(cli.main)
+    assert 'fastcascade = "fastcascade.cli:run"' in text
+    assert callable(cli.run) and callable(cli.main)
 
 
 def test_demo_on_a_phantom(monkeypatch, tmp_path, capsys):

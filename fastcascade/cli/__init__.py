@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from . import demo, env, evaluate, export, phantom, segment, train
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run"]
 
 #: The command modules, in the order their commands are listed in ``--help``.
 COMMAND_MODULES = (segment, env, phantom, train, evaluate, demo, export)
@@ -46,6 +46,23 @@ _USER_ERRORS = (
     NotADirectoryError,
     PermissionError,
 )
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The ``fastcascade`` command's entry point: :func:`main` in a process of its own.
+
+    Before the command, glibc is asked to keep freed memory for reuse
+    (:func:`fastcascade.memory.keep_freed_memory`: CPU passes no longer fault every
+    layer's output in again), unless ``FASTCASCADE_KEEP_FREED_MEMORY=0``. :func:`main`
+    itself changes nothing process-wide, so a program may call it.
+    """
+    import os
+
+    if os.environ.get("FASTCASCADE_KEEP_FREED_MEMORY", "1").strip() != "0":
+        from ..memory import keep_freed_memory
+
+        keep_freed_memory()
+    return main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,6 +40,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
             )
     else:
         print("CUDA        no device available")
+    from ..memory import keeping_freed_memory
+
+    kept = (
+        "kept for reuse" if keeping_freed_memory() else "returned to the system (glibc's default)"
+    )
+    print(f"freed memory {kept}")
     from ..ops import _backend
 
     print("backends:")

@@ -2,6 +2,6 @@
 
 import sys
 
-from ..cli import main
+from ..cli import run
 
-raise SystemExit(main(["demo", *sys.argv[1:]]))
+raise SystemExit(run(["demo", *sys.argv[1:]]))

@@ -75,55 +75,6 @@ def max_memory() -> int | None:
         raise ValueError(f"FASTCASCADE_MAX_MEMORY={e}") from None
 
 
-def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
-    """Linux's estimate of the memory available to new allocations without swapping."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
-    """The memory this process's cgroup (v2, or v1) may still take: its limit less its
-    usage; ``None`` without a limit or where it cannot be read."""
-    for limit_file, usage_file in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(os.path.join(root, limit_file)) as f:
-                text = f.read().strip()
-            if text == "max":
-                return None
-            limit = int(text)
-            with open(os.path.join(root, usage_file)) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit >= 2**60:  # v1 writes "no limit" as a huge number
-            return None
-        return max(0, limit - usage)
-    return None
-
-
-def available_memory() -> int | None:
-    """Host bytes this process may still allocate: the least of the kernel's
-    ``MemAvailable``, the cgroup's limit less its usage (containers) and
-    ``FASTCASCADE_MAX_MEMORY`` where set; the physical memory where none of them can be
-    read (other systems), ``None`` where nothing is known."""
-    known = [v for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
-    text = os.environ.get("FASTCASCADE_MAX_MEMORY")
-    if text is not None and text.strip():
-        known.append(max_memory())
-    if not known:
-        return physical_memory()
-    return min(known)
-
-
 def check_claim(what: str, shape, itemsize: int, per_voxel: int) -> None:
     """Refuse, before anything is allocated, a volume of ``shape`` whose voxel count
     passes ``max_voxels()`` or whose reading (``per_voxel`` bytes a voxel) passes
