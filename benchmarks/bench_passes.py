@@ -208,7 +208,8 @@ def run_passes(args, rec) -> None:
     title += f"{what}; {rec.data['meta']['network']}; C2 from the reference dilated by r = 3; "
     title += f"{budget_text} ({args.memory_budget}); tiles timed on {sample} pass(es) each and "
     title += f"extrapolated; load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the "
-    title += "end. FLOPs are exact (every pass counted); the time ratios depend on the load.\n"
+    title += "end. FLOPs are exact (every pass counted); the time ratios depend on the load. "
+    title += f"Allocator: {rec.data['meta']['allocator']}.\n"
     if args.cpu:
         title += "\nCPU dry run on a coarse grid: proves the code paths, times mean nothing.\n"
     title += "\n"

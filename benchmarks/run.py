@@ -182,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         help="passes area: tile passes that run the network (the rest extrapolated)",
     )
     parser.add_argument(
+        "--allocator",
+        choices=("kept", "system"),
+        default="kept",
+        help="kept: glibc keeps freed memory for reuse, as the fastcascade command sets it; "
+        "system: glibc's defaults (default: kept)",
+    )
+    parser.add_argument(
         "--baseline", help="git revision to time against in the same run (--area host; 'none')"
     )
     args = parser.parse_args(argv)
@@ -197,9 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         # Triton reads this when kernels are defined: set it before fastcascade is imported.
         os.environ["TRITON_INTERPRET"] = "1"
+    kept = False
+    if args.allocator == "kept":
+        from fastcascade.memory import keep_freed_memory
+
+        kept = keep_freed_memory()
     module_name, function_name = AREAS[args.area]
     module = importlib.import_module(module_name)
     meta = environment() | {"area": args.area, "quick": args.quick, "cpu_dry_run": args.cpu}
+    meta["allocator"] = "glibc keeps freed memory" if kept else "the C library's defaults"
     recorder = Recorder(args.out, args.area, meta)
     print(f"[{args.area}] {meta['device']} · torch {meta['torch']} · triton {meta['triton']}")
     getattr(module, function_name)(args, recorder)
