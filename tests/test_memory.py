@@ -108,18 +108,23 @@ CHILD = textwrap.dedent(
 )
 
 
-def child(mode: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, mode],
+def python(*argv: str, **env: str) -> str:
+    """stdout of a child Python without glibc's own MALLOC_ variables, plus ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, *argv],
         capture_output=True,
         text=True,
-        env=env,
+        env=clean | env,
         cwd=ROOT,
         timeout=120,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+def child(mode: str) -> dict:
+    return json.loads(python("-c", CHILD, mode).strip().splitlines()[-1])
 
 
 @glibc
@@ -136,21 +141,10 @@ def test_kept_blocks_are_reused_without_page_faults():
 
 @glibc
 def test_the_command_keeps_freed_memory_unless_told_not_to():
-    def env_line(value):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        if value is not None:
-            env["FASTCASCADE_KEEP_FREED_MEMORY"] = value
-        out = subprocess.run(
-            [sys.executable, "-m", "fastcascade", "env"],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=120,
-            check=True,
-        ).stdout
+    def env_line(**env):
+        out = python("-m", "fastcascade", "env", **env)
         (line,) = [s for s in out.splitlines() if s.startswith("freed memory")]
         return line
 
-    assert "kept for reuse" in env_line(None)
-    assert "returned to the system" in env_line("0")
+    assert "kept for reuse" in env_line()
+    assert "returned to the system" in env_line(FASTCASCADE_KEEP_FREED_MEMORY="0")
