@@ -31,7 +31,7 @@ import functools
 import os
 import sys
 
-from .io.limits import max_memory, physical_memory
+from .io.limits import max_memory
 
 __all__ = [
     "available_memory",
@@ -51,6 +51,24 @@ TRIM_THRESHOLD = 2**31 - 1
 _kept = False
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """This process's C library when it is glibc (``mallopt``, ``mallinfo2``), else None."""
@@ -64,6 +82,8 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and newer
+        libc.mallinfo2.restype = _MallInfo2
     return libc
 
 
@@ -94,24 +114,6 @@ def release_freed_memory() -> bool:
     return bool(libc.malloc_trim(0))
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
 def heap_free() -> int:
     """Bytes free in this process's heap (glibc's ``mallinfo2().fordblks``, glibc 2.33 or
     newer; 0 where it cannot be read): memory the process holds and can allocate again
@@ -119,7 +121,6 @@ def heap_free() -> int:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
-    libc.mallinfo2.restype = _MallInfo2
     return int(libc.mallinfo2().fordblks)
 
 
@@ -161,14 +162,12 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
 def available_memory() -> int | None:
     """Host bytes this process may still allocate: the least of the kernel's
     ``MemAvailable`` and the cgroup's limit less its usage (containers), each plus the
-    process's own free heap (:func:`heap_free`), and ``FASTCASCADE_MAX_MEMORY`` where
-    set; the physical memory where none of them can be read (other systems), ``None``
-    where nothing is known."""
+    process's own free heap (:func:`heap_free`), and ``FASTCASCADE_MAX_MEMORY`` (by
+    default the physical memory, all that is known on other systems); ``None`` where
+    nothing is known."""
     own = heap_free()
     known = [v + own for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
-    text = os.environ.get("FASTCASCADE_MAX_MEMORY")
-    if text is not None and text.strip():
-        known.append(max_memory())
-    if not known:
-        return physical_memory()
-    return min(known)
+    limit = max_memory()  # FASTCASCADE_MAX_MEMORY, else the physical memory
+    if limit is not None:
+        known.append(limit)
+    return min(known) if known else None

@@ -44,6 +44,12 @@ HU_CHECKS = ("warn", "error", "off")
 AUTO_SHARE = {"cpu": 0.5, "cuda": 0.8}
 
 
+def auto_share(device: torch.device | str) -> float:
+    """The share of :data:`AUTO_SHARE` for ``device``: a CUDA device's own, the host's
+    for every other device (their memory is the host's)."""
+    return AUTO_SHARE["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
 def resolve_memory_budget(budget: int | str | None, device: torch.device | str) -> int | None:
     """``memory_budget`` in bytes on ``device``: ``"auto"`` is :data:`AUTO_SHARE` of the
     memory free there now (on a GPU the driver's free memory and PyTorch's unused cache;
@@ -58,10 +64,8 @@ def resolve_memory_budget(budget: int | str | None, device: torch.device | str) 
     if budget != "auto":
         return budget
     device = torch.device(device)
-    if device.type == "cuda":
-        return int(AUTO_SHARE["cuda"] * cuda_free_memory(device))
-    free = available_memory()
-    return None if free is None else int(AUTO_SHARE["cpu"] * free)
+    free = cuda_free_memory(device) if device.type == "cuda" else available_memory()
+    return None if free is None else int(auto_share(device) * free)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from . import tiling
 from .config import Architecture
 from .ops.stitch import finalize, tile_weight
-from .options import AUTO_SHARE, InferenceOptions, resolve_memory_budget
+from .options import InferenceOptions, auto_share, resolve_memory_budget
 from .tiling import StageOutput, make_grid, overlap_step
 
 __all__ = [
@@ -558,10 +558,9 @@ def plan_stage(
         if memory_budget != "auto":
             raise
         raise ValueError(
-            f"{e}. The budget was 'auto': "
-            f"{AUTO_SHARE['cuda' if mask.device.type == 'cuda' else 'cpu']:.0%} of the memory "
-            f"free on {mask.device} when the stage started; free memory, or give "
-            f"memory_budget in bytes"
+            f"{e}. The budget was 'auto': {auto_share(mask.device):.0%} of the memory free "
+            f"on {mask.device} when the stage started; free memory, or give memory_budget "
+            f"in bytes"
         ) from None
     whole = ((0, 0, 0), tuple(mask.shape))
     total = len(planner.regions(whole)) * len(planner.phases)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastcascade import memory
+from fastcascade.io.limits import physical_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 glibc = pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
@@ -64,11 +65,11 @@ def test_available_memory_is_the_least_known_plus_the_free_heap(monkeypatch):
     assert memory.available_memory() == 9 * 2**30
     monkeypatch.delenv("FASTCASCADE_MAX_MEMORY")
     monkeypatch.setattr(memory, "_meminfo_available", lambda: None)  # not Linux
-    assert memory.available_memory() == memory.physical_memory()
+    assert memory.available_memory() == physical_memory()
 
 
 def test_available_memory_on_this_machine_is_within_its_physical_memory():
-    free, physical = memory.available_memory(), memory.physical_memory()
+    free, physical = memory.available_memory(), physical_memory()
     if free is None or physical is None:
         pytest.skip("this system reports neither")
     assert 0 < free <= physical + memory.heap_free()
