@@ -54,7 +54,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     Before the command, glibc is asked to keep freed memory for reuse
     (:func:`fastcascade.memory.keep_freed_memory`: CPU passes no longer fault every
     layer's output in again), unless ``FASTCASCADE_KEEP_FREED_MEMORY=0``. :func:`main`
-    itself changes nothing process-wide, so a program may call it.
+    leaves the process as it found it (its one-line warnings end with the command), so
+    a program may call it.
     """
     import os
 
@@ -73,10 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.formatwarning = _one_line_warning
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         status = args.func(args)
     except KeyboardInterrupt:
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fastcascade {args.command}: {line}", file=sys.stderr)
         return status
+    finally:
+        warnings.formatwarning = previous  # one-line warnings for the command only
     return 0 if status is None else int(status)
 
 
