@@ -25,7 +25,6 @@ once: the tiles' time is then the measured time per pass times the number of pas
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from fastcascade.passes import run_stage
 from fastcascade.phantom import make_phantom
 from fastcascade.presets import CASE_A_TO_CLASSES, paper_config
 
+import common  # isort: skip
 from run import markdown_table  # isort: skip
 
 COLUMNS = [
@@ -129,7 +129,7 @@ def run_passes(args, rec) -> None:
     budget = resolve_memory_budget(budget if budget == "auto" else int(budget * 2**30), "cpu")
     sample = 1 if args.cpu else args.sample_tiles
     rec.data["meta"].update(
-        load_start=os.getloadavg()[0],
+        load_average_start=common.load_average(),
         case=what,
         network="paper U-Net (base 32, 4 levels, valid), random weights, fp32",
         c1_fraction=float(c1.float().mean()),
@@ -198,9 +198,11 @@ def run_passes(args, rec) -> None:
             record["speedup_flop"] = base["tflop"] / max(record["tflop"], 1e-12)
             rec.flush()
     _add_totals(rec)
-    load = (rec.data["meta"]["load_start"], os.getloadavg()[0])
-    rec.data["meta"]["load_end"] = load[1]
+    rec.data["meta"]["load_average_end"] = common.load_average()
     rec.flush()
+    load = [
+        rec.data["meta"][f"load_average_{t}"].get("1min", float("nan")) for t in ("start", "end")
+    ]
     budget_text = (
         "no memory budget" if budget is None else f"memory budget {budget / 2**30:.1f} GiB"
     )

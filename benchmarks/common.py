@@ -63,15 +63,30 @@ def device_slug(device: torch.device) -> str:
     return "cpu-" + (slug(name, 40) or "unknown")
 
 
-def available_memory_bytes() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo`` (Linux), else ``None``."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+ALLOCATORS = ("kept", "system")
+
+
+def add_allocator_argument(parser) -> None:
+    """``--allocator kept|system`` (default ``kept``, as the ``fastcascade`` command runs)."""
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="kept",
+        help="kept: glibc keeps freed memory for reuse, as the fastcascade command sets it "
+        "(fastcascade.memory.keep_freed_memory); system: the C library's defaults, as a "
+        "Python program embedding the library gets them (default: kept)",
+    )
+
+
+def use_allocator(choice: str) -> str:
+    """Apply ``--allocator`` to this process; returns the sentence a result records."""
+    if choice == "system":
+        return "the C library's defaults (large blocks mapped and unmapped each time)"
+    from fastcascade.memory import keep_freed_memory
+
+    if keep_freed_memory():
+        return "glibc keeps freed memory for reuse, as the fastcascade command sets it"
+    return "--allocator kept asked for, but this C library is not glibc: its defaults"
 
 
 def load_average() -> dict:

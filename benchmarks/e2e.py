@@ -64,10 +64,12 @@ ROOT = HERE.parent
 sys.path[:0] = [p for p in (str(ROOT), str(HERE)) if p not in sys.path]
 
 from common import (  # noqa: E402
+    add_allocator_argument,
     environment,
     load_average,
     result_path,
     uptime,
+    use_allocator,
     write_atomic,
     write_json,
 )
@@ -153,14 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds a CPU compile probe may take before torch_best is skipped "
         f"(default with --quick: {QUICK_COMPILE_BUDGET_S:.0f}; else no probe)",
     )
-    p.add_argument(
-        "--allocator",
-        choices=("kept", "system"),
-        default="kept",
-        help="kept: glibc keeps freed memory for reuse, as the fastcascade command sets it "
-        "(fastcascade.memory.keep_freed_memory); system: glibc's defaults, as a Python "
-        "program embedding the library gets them (default: kept)",
-    )
+    add_allocator_argument(p)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument(
         "--data",
@@ -193,18 +188,7 @@ def main(argv=None) -> int:
     if budget is None and args.quick and not gpu:
         budget = QUICK_COMPILE_BUDGET_S
 
-    notes: list[str] = []
-    if args.allocator == "kept":
-        from fastcascade.memory import keep_freed_memory
-
-        kept = keep_freed_memory()
-        notes.append(
-            "Allocator: glibc keeps freed memory for reuse, as the fastcascade command sets it"
-            if kept
-            else "Allocator: --allocator kept asked for, but this C library is not glibc"
-        )
-    else:
-        notes.append("Allocator: glibc's defaults (large blocks mapped and unmapped each time)")
+    notes: list[str] = [f"Allocator: {use_allocator(args.allocator)}."]
     if not gpu:
         notes.append(
             "CPU: fastcascade is pure PyTorch here, so torch_best differs only by "

@@ -16,9 +16,10 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import ROOT, available_memory_bytes
+from common import ROOT
 
 from fastcascade.demo import case_a_reference
+from fastcascade.memory import available_memory
 from fastcascade.ops.resample import resample, working_shape
 from fastcascade.phantom import make_phantom
 
@@ -125,7 +126,7 @@ def iter_cases(names: list[str], root: Path, quick: bool, notes: list[str]) -> I
                 yield Case(name, volume, affine, reference, "case A CT as it is (3 mm)")
                 continue
             need = 6 * int(np.prod(working_shape(volume.shape, (3.0,) * 3, (FINE_MM,) * 3))) * 4
-            free = available_memory_bytes()
+            free = available_memory()
             if free is not None and free < need:
                 notes.append(
                     f"{name} skipped: needs about {need / 2**30:.1f} GiB, "

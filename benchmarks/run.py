@@ -181,13 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="passes area: tile passes that run the network (the rest extrapolated)",
     )
-    parser.add_argument(
-        "--allocator",
-        choices=("kept", "system"),
-        default="kept",
-        help="kept: glibc keeps freed memory for reuse, as the fastcascade command sets it; "
-        "system: glibc's defaults (default: kept)",
-    )
+    common.add_allocator_argument(parser)
     parser.add_argument(
         "--baseline", help="git revision to time against in the same run (--area host; 'none')"
     )
@@ -204,15 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         # Triton reads this when kernels are defined: set it before fastcascade is imported.
         os.environ["TRITON_INTERPRET"] = "1"
-    kept = False
-    if args.allocator == "kept":
-        from fastcascade.memory import keep_freed_memory
-
-        kept = keep_freed_memory()
+    allocator = common.use_allocator(args.allocator)
     module_name, function_name = AREAS[args.area]
     module = importlib.import_module(module_name)
     meta = environment() | {"area": args.area, "quick": args.quick, "cpu_dry_run": args.cpu}
-    meta["allocator"] = "glibc keeps freed memory" if kept else "the C library's defaults"
+    meta["allocator"] = allocator
     recorder = Recorder(args.out, args.area, meta)
     print(f"[{args.area}] {meta['device']} · torch {meta['torch']} · triton {meta['triton']}")
     getattr(module, function_name)(args, recorder)
