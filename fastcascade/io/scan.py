@@ -426,6 +426,12 @@ def check_hu(lo: float, hi: float, soft: float, what: str) -> str | None:
 
 
 def _check_values(data: torch.Tensor, what: str, hu_check: str = "warn") -> None:
+    # Files arrive Fortran-ordered (nibabel, SimpleITK's transposed view): read them in
+    # memory order through the reversed-axes view, which is contiguous, instead of
+    # copying the volume (min, max and the sampled share do not depend on the order).
+    reverse = data.permute(*reversed(range(data.ndim)))
+    if reverse.is_contiguous() and not data.is_contiguous():
+        data = reverse
     stats = list(torch.aminmax(data))  # NaN propagates
     if hu_check != "off":
         flat = data.reshape(-1)
