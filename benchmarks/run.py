@@ -146,17 +146,25 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
 
 
 # -- entry point -------------------------------------------------------------------------
+def short_table(module, data: dict, name: str) -> str | None:
+    """A result's short table (its area module's ``summarize(data)``) under a heading, or
+    ``None`` for an area without one."""
+    if not hasattr(module, "summarize"):
+        return None
+    meta = data["meta"]
+    return f"## {meta['area']} on {meta.get('device')} ({name})\n\n" + module.summarize(data)
+
+
 def summary(out_dir: Path) -> int:
-    """Print each result file's short table (its area module's ``summarize(data)``)."""
+    """Print each result file's short table."""
     for path in sorted(Path(out_dir).glob("*.json")):
         data = json.loads(path.read_text())
         area = data.get("meta", {}).get("area") if isinstance(data, dict) else None
         if area not in AREAS:
             continue
-        module = importlib.import_module(AREAS[area][0])
-        if hasattr(module, "summarize"):
-            print(f"\n## {area} on {data['meta'].get('device')} ({path.name})\n")
-            print(module.summarize(data))
+        text = short_table(importlib.import_module(AREAS[area][0]), data, path.name)
+        if text is not None:
+            print("\n" + text)
     return 0
 
 
@@ -207,9 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{args.area}] {meta['device']} · torch {meta['torch']} · triton {meta['triton']}")
     getattr(module, function_name)(args, recorder)
     print(f"[{args.area}] results: {recorder.path}")
-    if hasattr(module, "summarize"):  # the short table gpu_check.sh's summary shows
-        short = f"## {args.area} on {meta['device']} ({recorder.path.name})\n\n"
-        short += module.summarize(recorder.data)
+    short = short_table(module, recorder.data, recorder.path.name)
+    if short is not None:  # the short table gpu_check.sh's summary shows
         common.write_atomic(recorder.path.with_suffix(".short.md"), short)
     return 0
 
