@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings of the library as one line each, without the source line."""
-    if issubclass(category, UserWarning) and category is not DeprecationWarning:
+    if issubclass(category, UserWarning):
         return f"fastcascade: warning: {message}\n"
     return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
