@@ -140,7 +140,9 @@ class SegmentationResult:
         else:
             scan = self.scan if ct is None else None
             if scan is None:
-                scan = load_scan(self.source if ct is None else ct, hu_check="off")
+                # the source again: the series segmented, where its folder holds several
+                series = self.dicom.uid if ct is None and self.dicom is not None else None
+                scan = load_scan(self.source if ct is None else ct, hu_check="off", series=series)
                 if not np.allclose(scan.input_affine, self.affine, rtol=0, atol=1e-3):
                     raise ValueError(
                         "the CT's affine differs from the labels' (more than 1e-3 mm): "
