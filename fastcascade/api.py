@@ -10,6 +10,7 @@ the probabilities when asked for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -139,7 +140,9 @@ class SegmentationResult:
         else:
             scan = self.scan if ct is None else None
             if scan is None:
-                scan = load_scan(self.source if ct is None else ct, hu_check="off")
+                # the source again: the series segmented, where its folder holds several
+                series = self.dicom.uid if ct is None and self.dicom is not None else None
+                scan = load_scan(self.source if ct is None else ct, hu_check="off", series=series)
                 if not np.allclose(scan.input_affine, self.affine, rtol=0, atol=1e-3):
                     raise ValueError(
                         "the CT's affine differs from the labels' (more than 1e-3 mm): "
@@ -169,7 +172,7 @@ class SegmentationResult:
         """Write the overlay PNG (axial, coronal and sagittal slices through the organs,
         one colour per label, a legend of those present; :func:`fastcascade.viz.preview_png`),
         atomically. Needs matplotlib (``pip install fastcascade[viz]``)."""
-        outputs, protect = self._preview_outputs(path, ct)
+        outputs, protect = self._preview_outputs(path, lambda: self.image_hu(ct))
         with output_folders([Path(path).parent]):
             write_outputs(outputs, protect)
         return Path(path)
@@ -183,18 +186,21 @@ class SegmentationResult:
             write_outputs(outputs, protect)
         return [p for p, _ in outputs]
 
-    def _preview_outputs(self, path, ct=None) -> tuple[list[Output], list[Path]]:
+    def _preview_outputs(
+        self, path, hu: Callable[[], np.ndarray]
+    ) -> tuple[list[Output], list[Path]]:
+        """``hu()`` gives :meth:`image_hu`, obtained after the name and matplotlib checks."""
         from . import viz
 
         path = Path(path)
         if path.suffix.lower() != ".png":
             raise ValueError(f"preview {path}: expected a file name ending in .png")
         viz.require_matplotlib()
-        hu = self.image_hu(ct)
+        ct = hu()
         labels = _host(self.labels)
 
         def draw(tmp: Path) -> None:
-            viz.preview_png(hu, labels, self.affine, tmp, self.class_names)
+            viz.preview_png(ct, labels, self.affine, tmp, self.class_names)
 
         return [(path, draw)], self._protect()
 
@@ -209,9 +215,12 @@ class SegmentationResult:
             input_path=self.source,
         )
 
-    def _statistics_outputs(self, path, ct=None) -> tuple[list[Output], list[Path]]:
+    def _statistics_outputs(
+        self, path, hu: Callable[[], np.ndarray]
+    ) -> tuple[list[Output], list[Path]]:
+        """``hu()`` gives :meth:`image_hu`, obtained after the file names are checked."""
         json_path, csv_path = statistics_paths(path)
-        stats = self.statistics(ct)
+        stats = self.statistics(hu())
         as_json, as_csv = statistics_json(stats), statistics_csv(stats)
         outputs = [
             (json_path, lambda tmp: Path(tmp).write_text(as_json)),
@@ -274,10 +283,11 @@ class SegmentationResult:
             )[0]
         if split is not None:
             outputs += self._split_outputs(split)[0]
+        hu = functools.cache(lambda: self.image_hu(ct))  # the CT once for both
         if statistics is not None:
-            outputs += self._statistics_outputs(statistics, ct)[0]
+            outputs += self._statistics_outputs(statistics, hu)[0]
         if preview is not None:
-            outputs += self._preview_outputs(preview, ct)[0]
+            outputs += self._preview_outputs(preview, hu)[0]
         label_files = labels_outputs(
             path,
             self.labels,

@@ -96,6 +96,21 @@ def test_a_rerun_skips_what_is_done_and_redoes_a_differing_marker(tmp_path, mode
     assert count_segments == ["case1.nii.gz"]
 
 
+def test_organs_in_another_order_or_repeated_still_skip_on_a_rerun(tmp_path, model, count_segments):
+    scans = tmp_path / "scans"
+    write_phantoms(scans, seeds=(1,))
+    out = tmp_path / "segs"
+    assert run(scans, "-o", out, "--model", model, "--organs", "spleen,liver") == 0
+    assert count_segments == ["case1.nii.gz"]
+    marker = json.loads((out / "case1.done.json").read_text())
+    assert marker["postprocess"]["organs"] == ["liver", "spleen"]  # class-id order
+    count_segments.clear()
+    assert run(scans, "-o", out, "--model", model, "--organs", " liver,spleen,liver") == 0
+    assert count_segments == []
+    assert run(scans, "-o", out, "--model", model, "--organs", "liver") == 0
+    assert count_segments == ["case1.nii.gz"]  # a different selection is redone
+
+
 def test_two_parts_segment_every_scan_once(tmp_path, model, count_segments):
     paths = write_phantoms(tmp_path / "scans", seeds=(1, 2, 3))
     out = tmp_path / "segs"

@@ -155,6 +155,20 @@ def test_several_series_listed_then_chosen(series_dir, fake, tmp_path, capsys):
     assert marker["series"] == "1.2.3.9"
 
 
+def test_statistics_of_a_chosen_series_read_that_series_again(series_dir, fake, tmp_path):
+    from fastcascade.io.dicom import read_series
+
+    other = ct_stored((2, 5, 6), seed=4)
+    write_series(series_dir, other, series_uid="1.2.3.9", description="other", names=["o1", "o2"])
+    out, stats = tmp_path / "x.nii.gz", tmp_path / "stats.json"
+    argv = ["segment", str(series_dir), "-o", str(out), "--quiet", "--series", "1.2.3.9"]
+    assert cli.main([*argv, "--statistics", str(stats)]) == 0  # the result keeps no scan
+    voxels, _ = read_series(series_dir, series="1.2.3.9")
+    liver = json.loads(stats.read_text())["organs"]["liver"]
+    assert liver["voxels"] == int((voxels > 0).sum()) > 0
+    assert liver["hu_mean"] == pytest.approx(float(voxels[voxels > 0].mean()))
+
+
 def test_dicom_seg_needs_dicom_input(tmp_path, fake, capsys):
     ct = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), -1000, np.int16), np.eye(4)), ct)

@@ -27,7 +27,12 @@ from fastcascade.config import CLASS_NAMES
 from fastcascade.io import nifti
 from fastcascade.phantom import make_phantom
 from fastcascade.postprocess import keep_largest_components, organ_ids
-from fastcascade.statistics import CSV_COLUMNS, organ_statistics, statistics_paths
+from fastcascade.statistics import (
+    CSV_COLUMNS,
+    organ_statistics,
+    statistics_json,
+    statistics_paths,
+)
 
 SPACING = (8.0, 8.0, 8.0)
 
@@ -286,6 +291,26 @@ def test_statistics_read_the_ct_again_from_the_source_or_take_it(tmp_path, phant
     moved[0, 3] += 5.0
     with pytest.raises(ValueError, match="affine differs"):
         result_of(phantom).statistics(ct=nib.Nifti1Image(stored, moved))
+
+
+def test_save_reads_the_ct_once_for_statistics_and_preview(tmp_path, phantom, monkeypatch):
+    import fastcascade.api
+
+    ct_path = tmp_path / "ct.nii.gz"
+    nib.save(phantom.to_nifti()[0], ct_path)
+    reads = []
+    original = fastcascade.api.load_scan
+
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastcascade.api, "load_scan", counting)
+    result = result_of(phantom, source=ct_path)
+    result.save(tmp_path / "seg.nii.gz", statistics=tmp_path / "s.json", preview=tmp_path / "s.png")
+    assert reads == [ct_path]
+    assert (tmp_path / "s.json").read_text() == statistics_json(result.statistics())
+    assert (tmp_path / "s.png").is_file()
 
 
 def test_statistics_paths_need_a_json_name():

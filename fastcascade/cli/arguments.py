@@ -1,4 +1,4 @@
-"""Argument types and options the commands share.
+"""Argument types, options and checks the commands share.
 
 Each type turns the text of one argument into its value or raises
 ``argparse.ArgumentTypeError`` with what was expected, which argparse reports as a usage
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
+from pathlib import Path
 
 
 def device(text: str) -> str:
@@ -66,3 +68,13 @@ def add_label_map(parser: argparse.ArgumentParser | argparse._ArgumentGroup, hel
     """``--label-map NAME|none|FILE``: a dataset's label ids onto the model's classes,
     resolved by the command with ``presets.read_label_map(args.label_map, LABEL_MAP_OPTION)``."""
     parser.add_argument(LABEL_MAP_OPTION, default=None, help=help)
+
+
+def refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
+    """Raise ``FileExistsError`` naming those of ``paths`` that exist, unless
+    ``overwrite`` (the command's ``--overwrite``) is set; checked before the work."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
+        )

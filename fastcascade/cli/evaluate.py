@@ -107,7 +107,7 @@ def _evaluate_files(args: argparse.Namespace, label_map) -> int:
     if args.out is not None and args.out.is_dir():
         raise IsADirectoryError(f"--out {args.out} is a folder; expected a JSON file name")
     if args.out is not None:
-        _refuse_existing(args, [args.out])
+        arguments.refuse_existing([args.out], args.overwrite)
     report = evaluate_cases(read_cases(args.csv), label_map, args.radii, resample=args.resample)
     print(report_markdown(report))
     if args.out is not None:
@@ -125,7 +125,7 @@ def _evaluate_model(args: argparse.Namespace, label_map) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; expected a folder for the report")
     if args.out is not None:
-        _refuse_existing(args, [args.out / name for name in REPORT_FILES])
+        arguments.refuse_existing([args.out / name for name in REPORT_FILES], args.overwrite)
     plot = not args.no_plot
     if plot and args.out is not None:
         try:
@@ -161,11 +161,3 @@ def _evaluate_model(args: argparse.Namespace, label_map) -> int:
         paths = write_report(args.out, report, plot=plot)
         print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _refuse_existing(args: argparse.Namespace, paths) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(
-            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
-        )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``export`` to the ``fastcascade`` command's subparsers."""
@@ -41,11 +43,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..model.export import STAGES, export_cascade
 
     names = [f"{s}{ext}" for s in STAGES for ext in (".pt2", ".onnx")] + ["model.json"]
-    existing = [str(args.out / n) for n in names if (args.out / n).exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(
-            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
-        )
+    arguments.refuse_existing([args.out / n for n in names], args.overwrite)
     written = export_cascade(
         DEFAULT_MODEL if args.model is None else args.model, args.out, args.onnx
     )

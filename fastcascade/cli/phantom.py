@@ -42,11 +42,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     label_names_path(args.output)  # checks both suffixes before the work
     if same_file(args.output, args.labels):
         raise ValueError("-o and --labels name the same file")
-    existing = [str(p) for p in outputs if p.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(
-            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
-        )
+    arguments.refuse_existing(outputs, args.overwrite)
     with output_folders({p.parent for p in outputs}):
         return _write_phantom(args)
 

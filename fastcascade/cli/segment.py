@@ -158,11 +158,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             raise ValueError(f"refusing to write {out}: it is inside the input folder {source}")
         if out.is_dir():
             raise IsADirectoryError(f"{out} is a folder; expected a file name")
-    existing = [str(p) for p in outputs if p.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(
-            f"{', '.join(existing)} already exist(s); pass --overwrite to replace them"
-        )
+    arguments.refuse_existing(outputs, args.overwrite)
 
     options = segment_options.options(args)
     series = {} if args.series is None else {"series": args.series}

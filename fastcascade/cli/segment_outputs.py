@@ -115,8 +115,15 @@ def save_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def record(args: argparse.Namespace) -> dict[str, Any]:
-    """The clean-up asked for, for the completion marker."""
-    organs = None if args.organs is None else [n.strip() for n in args.organs.split(",")]
+    """The clean-up asked for, for the completion marker: ``--organs`` as the model's
+    names in class-id order without repeats, so ``spleen,liver`` and ``liver,spleen``
+    record the same and a re-run skips the scan."""
+    organs = None
+    if args.organs is not None:
+        from ..postprocess import organ_ids
+
+        names = _class_names(args)
+        organs = [names[k] for k in organ_ids(names, args.organs)]
     return {"organs": organs, "largest_component": args.largest_component}
 
 

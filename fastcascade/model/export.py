@@ -27,10 +27,9 @@ from torch import nn
 
 from ..io.atomic import atomic_write, output_folders
 from ..io.sitk import MissingDependencyError
-from .checkpoint import FORMAT, load_cascade
+from .checkpoint import FORMAT, STAGES, load_cascade
 from .unet3d import ConvBNReLU, UNet3D
 
-STAGES = ("stage1", "stage2")
 ONNX_CHOICES = ("auto", "yes", "no")
 ONNX_INSTALL = "pip install onnx onnxscript"
 
