@@ -1,6 +1,8 @@
 """Choosing a backend (``ops/_backend.py``): what runs where, and what a missing backend
 says."""
 
+import types
+
 import pytest
 import torch
 
@@ -43,3 +45,42 @@ def test_resolve_rejects_unknown_names_and_non_tensors():
 def test_summary_lists_every_probe():
     info = _backend.summary()
     assert {"triton", "triton_interpret", "cuda", "cudnn", "cupy", "cuda_ext"} <= set(info)
+
+
+def test_next_pow2_is_the_smallest_power_of_two_at_least_n():
+    want = {0: 1, 1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 16: 16, 17: 32, 1000: 1024, 1024: 1024}
+    assert {n: _backend.next_pow2(n) for n in want} == want
+    for n in range(1, 300):
+        p = _backend.next_pow2(n)
+        assert p >= n and p & (p - 1) == 0 and (p == 1 or p // 2 < n)
+
+
+def test_on_device_is_a_no_op_off_cuda(monkeypatch):
+    def no_cuda(*_):
+        raise AssertionError("on_device touched torch.cuda for a CPU tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", no_cuda)
+    for t in (torch.zeros(2), torch.empty(3, device="meta")):
+        with _backend.on_device(t):
+            pass
+
+
+def test_on_device_switches_to_the_tensors_cuda_device(monkeypatch):
+    # No GPU here: a stand-in tensor on cuda:1 and a recording torch.cuda.device.
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1))
+    with _backend.on_device(on_gpu1):
+        assert entered == [torch.device("cuda", 1)]

@@ -19,6 +19,7 @@ from conv_bn_relu_cases import (
     needs_interpreter,
     unet_layer_shapes,
 )
+from launch_guard import record_launches
 
 import fastcascade.model.unet3d as unet3d
 from fastcascade.config import CLASS_NAMES
@@ -371,3 +372,16 @@ def test_gpu_whole_network_on_a_synthetic_tile(monkeypatch):
     noise = torch.randn(1, 1, 132, 132, 116, generator=g)
     smooth = F.avg_pool3d(F.avg_pool3d(noise, 9, 1, 4), 9, 1, 4)[0, 0]
     _check_whole_network(smooth / smooth.std() * 300.0, monkeypatch)
+
+
+@needs_interpreter
+def test_kernel_launches_inside_the_inputs_device_guard(monkeypatch, nan_outputs):
+    launches = record_launches(monkeypatch, kernel, "_conv3x3x3_bias_relu_kernel")
+    case = CASES[-1]
+    x, params = make_params(case)
+    w, b = fold_bn(*params)
+    y = conv_bn_relu(x, (w, b), case.padding, backend="triton", input_precision="ieee")
+    assert len(launches) == 1 and launches[0]
+    assert torch.equal(launches[0][-1], x)
+    ref = conv_bn_relu_ref(x, *params[:6], params[6], case.padding)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

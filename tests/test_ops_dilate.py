@@ -4,6 +4,7 @@ bit for bit, SciPy == a distance-transform oracle."""
 import numpy as np
 import pytest
 import torch
+from launch_guard import record_launches
 from scipy import ndimage
 
 import fastcascade.ops.dilate as dilate_module
@@ -423,3 +424,13 @@ def test_gpu_int64_offsets_past_two_to_the_31():
     expected = ndimage.binary_dilation(tail, structuring_element(3))
     np.testing.assert_array_equal(out[-12:, -12:, -48:].cpu().numpy(), expected)
     assert int(out.sum()) == int(expected.sum())  # and nothing anywhere else
+
+
+@needs_interpreter
+def test_kernels_launch_inside_the_masks_device_guard(monkeypatch):
+    launches = record_launches(monkeypatch, dilate_module, "_pack_z_kernel", "_or_columns_kernel")
+    mask = t(MASKS["sparse-13x9x11"])
+    got = dilate(mask, 2, backend="triton")
+    assert [len(held) for held in launches] == [1, 1]
+    assert all(held[-1].shape == mask.shape for held in launches)
+    np.testing.assert_array_equal(got.numpy(), dilate_ref(mask, 2).numpy())

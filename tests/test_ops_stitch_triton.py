@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from launch_guard import record_launches
 
 from fastcascade.ops import _backend
 from fastcascade.ops import stitch as stitch_module
@@ -362,3 +363,22 @@ def test_gpu_int64_offsets_past_two_to_the_31():
     _, labels = finalize(acc, ws, probabilities=False, backend="triton")
     assert float(acc[7, -4:, -4:, -4:].sum()) == 64.0 and float(acc.sum()) == 64.0
     assert (labels[-4:, -4:, -4:] == 7).all() and int(labels.sum()) == 7 * 64
+
+
+@needs_interpreter
+def test_kernels_launch_inside_the_accumulators_device_guard(monkeypatch):
+    launches = record_launches(monkeypatch, stitch_module, "_accumulate_kernel", "_finalize_kernel")
+    g = torch.Generator().manual_seed(5)
+    acc, ws = torch.zeros(3, 6, 5, 4), torch.zeros(6, 5, 4)
+    tiles = torch.rand(2, 3, 4, 3, 4, generator=g)
+    origins = torch.tensor([[0, 0, 0], [2, 2, 0]])
+    accumulate(acc, ws, tiles, origins, backend="triton")
+    probs, labels = finalize(acc, ws, backend="triton")
+    assert [len(held) for held in launches] == [1, 1]
+    assert all(held[-1] is acc for held in launches)
+    want_acc, want_ws = acc.clone().zero_(), ws.clone().zero_()
+    accumulate_ref(want_acc, want_ws, tiles, origins)
+    torch.testing.assert_close(acc, want_acc)
+    want_probs, want_labels = finalize_ref(want_acc, want_ws)
+    assert torch.equal(labels, want_labels)
+    torch.testing.assert_close(probs, want_probs)

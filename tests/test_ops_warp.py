@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from launch_guard import record_launches
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
@@ -645,3 +646,17 @@ def test_gpu_int64_offsets_past_two_to_the_31():
     for fill_region in ((0,), (slice(None), slice(n - 2, None)), (Ellipsis, slice(n - 3, None))):
         assert bool((out[0][fill_region] == -7.0).all())
         assert bool((out_lab[fill_region] == 0).all())
+
+
+@needs_triton
+def test_triton_warp_launches_inside_the_images_device_guard(monkeypatch):
+    launches = record_launches(monkeypatch, warp_mod, "_warp_kernel")
+    shape = (5, 7, 3)
+    image, labels = ct_like(shape)
+    coords = jittered_coords(shape, 1.5)
+    out, out_lab = poisoned(image, labels, shape)
+    warp_mod._warp_triton(image, labels, coords=coords, out_image=out, out_labels=out_lab)
+    assert len(launches) == 1 and launches[0] and launches[0][-1] is image
+    want, want_lab = warp_ref(image, labels, coords)
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-3)
+    assert torch.equal(out_lab, want_lab)

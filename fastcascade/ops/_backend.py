@@ -26,6 +26,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -85,6 +86,32 @@ def autotune_enabled() -> bool:
 def on_cuda(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` lives on a CUDA device (no CUDA call is made)."""
     return tensor.device.type == "cuda"
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which kernels launch on ``tensor``'s CUDA device.
+
+    Triton (and PyTorch's current-device calls) launch on the *current* CUDA device, which
+    need not be the tensor's: a tensor on ``cuda:1`` would otherwise be handed to a kernel
+    running on ``cuda:0``. Wrap every kernel launch in ``with on_device(t):``. For a tensor
+    off CUDA (the CPU, Triton's interpreter) this is a no-op and makes no CUDA call, so it
+    never initialises CUDA.
+
+    >>> with on_device(torch.zeros(1)):  # CPU tensor: nothing happens
+    ...     pass
+    """
+    if on_cuda(tensor):
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two at least ``n`` (``1`` for ``n <= 1``): block sizes.
+
+    >>> [next_pow2(n) for n in (0, 1, 2, 3, 16, 17)]
+    [1, 1, 2, 4, 16, 32]
+    """
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 @functools.cache

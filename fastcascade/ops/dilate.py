@@ -60,7 +60,6 @@ tests check, together with a Euclidean distance transform as an independent orac
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -286,14 +285,9 @@ def _dilate_triton(
     out_bytes = out.view(torch.uint8) if out.dtype == torch.bool else out
     assert out_bytes.dtype == torch.uint8 and out_bytes.shape == m.shape
     assert out_bytes.is_contiguous()
-    with _on_device(m.device):
+    with _backend.on_device(m):
         _launch(m, workspace, out_bytes, slot_of_w, columns, wmax, (X, Y, Z, nw))
     return out
-
-
-def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch(m, workspace, out_bytes, slot_of_w, columns, wmax, sizes) -> None:

@@ -45,7 +45,6 @@ they have not run on a GPU yet.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -208,23 +207,14 @@ GPU_VOXELS, GPU_WARPS = 1024, 4
 INTERPRETER_VOXELS = 4096
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def blocks(rows: int, z: int) -> tuple[int, int]:
     """``(BR, BZ)``: rows and z voxels per program over ``rows`` (x, y) rows of ``z`` voxels;
     up to 32 z voxels on a GPU (one 128-byte segment of float32 per row and class), 64 in
     the interpreter."""
     interpreted = _backend.interpreter_on()
-    bz = min(_pow2(z), 64 if interpreted else 32)
+    bz = min(_backend.next_pow2(z), 64 if interpreted else 32)
     voxels = INTERPRETER_VOXELS if interpreted else GPU_VOXELS
-    return max(1, min(voxels // bz, _pow2(rows))), bz
-
-
-def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return max(1, min(voxels // bz, _backend.next_pow2(rows))), bz
 
 
 def _accumulate_triton(acc, weight_sum, tiles, origins, weight, size) -> None:
@@ -244,13 +234,12 @@ def _accumulate_triton(acc, weight_sum, tiles, origins, weight, size) -> None:
             f"accumulate: {num_tiles} tiles of {size} voxels are too many or too large for "
             "the Triton kernel (2^31 programs, 2^31 voxels per tile); use backend='torch'"
         )
-    warps = 4 if _backend.interpreter_on() else GPU_WARPS
-    with _on_device(acc.device):
+    with _backend.on_device(acc):
         _accumulate_kernel[(num_tiles * n_blocks,)](
             tiles, o, w, acc, weight_sum,
             channels, *acc.shape[1:], size[1], size[2], n_rows, n_zb, n_blocks,
             *tiles.stride(), *acc.stride(), *weight_sum.stride(),
-            HAS_WEIGHT=weight is not None, BR=br, BZ=bz, num_warps=warps,
+            HAS_WEIGHT=weight is not None, BR=br, BZ=bz, num_warps=GPU_WARPS,
         )  # fmt: skip
 
 
@@ -270,15 +259,14 @@ def _finalize_triton(acc, weight_sum, mask, out, labels=None) -> torch.Tensor:
     br, bz = blocks(n_rows, nz)
     n_zb = triton.cdiv(nz, bz)
     grid = (triton.cdiv(n_rows, br) * n_zb,)
-    warps = 4 if _backend.interpreter_on() else GPU_WARPS
     mask_strides = (0, 0, 0) if keep is None else keep.stride()
     out_strides = (0, 0, 0, 0) if out is None else out.stride()
-    with _on_device(acc.device):
+    with _backend.on_device(acc):
         _finalize_kernel[grid](
             acc, weight_sum, labels if keep is None else keep, acc if out is None else out, labels,
             channels, ny, nz, n_rows, n_zb,
             *acc.stride(), *weight_sum.stride(), *mask_strides, *out_strides,
-            HAS_MASK=keep is not None, PROBS=out is not None, BR=br, BZ=bz, num_warps=warps,
+            HAS_MASK=keep is not None, PROBS=out is not None, BR=br, BZ=bz, num_warps=GPU_WARPS,
         )  # fmt: skip
     return labels
 

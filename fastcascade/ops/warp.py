@@ -61,18 +61,14 @@ _NUM_WARPS = 8  # 2 voxels per thread: 80 registers or fewer on sm_90 (Triton 3.
 # warps need up to 136; benchmarks/bench_warp.py times 4 against it
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _tile(out_shape: Sequence[int]) -> tuple[int, int, int]:
     """``(BX, BY, BZ)``: a tile of at most ``_TILE_VOXELS`` output voxels, z first (the
     contiguous axis), then y, then x; no wider than the volume along any axis, so that a
     small volume (the interpreter's tests) is one program."""
     ox, oy, oz = out_shape
-    bz = min(_TILE_Z, _pow2_at_least(oz))
-    by = min(_pow2_at_least(oy), _TILE_VOXELS // bz)
-    bx = min(_pow2_at_least(ox), _TILE_VOXELS // (bz * by))
+    bz = min(_TILE_Z, _backend.next_pow2(oz))
+    by = min(_backend.next_pow2(oy), _TILE_VOXELS // bz)
+    bx = min(_backend.next_pow2(ox), _TILE_VOXELS // (bz * by))
     return bx, by, bz
 
 
@@ -357,35 +353,36 @@ def _warp_triton(
     if has_elastic:
         _check_control_indices(out_shape, tile, gshape, grid_spacing)
     int64 = force_int64 or _needs_int64(image.shape[1:], out_shape, tile)
-    _warp_kernel[(math.prod(tiles),)](
-        image,
-        labels if has_labels else dummy,
-        out_image,
-        out_labels if has_labels else dummy,
-        coords if coords is not None else dummy,
-        affine if affine is not None else dummy,
-        ctrl,
-        image.shape[0],
-        *image.shape[1:],
-        *out_shape,
-        *gshape[1:],
-        math.prod(image.shape[1:]),
-        math.prod(out_shape),
-        math.prod(gshape),
-        tiles[1],
-        tiles[2],
-        1.0 / float(grid_spacing),
-        float(fill_value),
-        int(label_fill),
-        HAS_LABELS=has_labels,
-        HAS_COORDS=coords is not None,
-        HAS_ELASTIC=has_elastic,
-        INT64=int64,
-        BX=bx,
-        BY=by,
-        BZ=bz,
-        num_warps=num_warps,
-    )
+    with _backend.on_device(image):
+        _warp_kernel[(math.prod(tiles),)](
+            image,
+            labels if has_labels else dummy,
+            out_image,
+            out_labels if has_labels else dummy,
+            coords if coords is not None else dummy,
+            affine if affine is not None else dummy,
+            ctrl,
+            image.shape[0],
+            *image.shape[1:],
+            *out_shape,
+            *gshape[1:],
+            math.prod(image.shape[1:]),
+            math.prod(out_shape),
+            math.prod(gshape),
+            tiles[1],
+            tiles[2],
+            1.0 / float(grid_spacing),
+            float(fill_value),
+            int(label_fill),
+            HAS_LABELS=has_labels,
+            HAS_COORDS=coords is not None,
+            HAS_ELASTIC=has_elastic,
+            INT64=int64,
+            BX=bx,
+            BY=by,
+            BZ=bz,
+            num_warps=num_warps,
+        )
     return out_image, (out_labels if has_labels else None)
 
 

@@ -92,10 +92,6 @@ K_FLAT_BELOW = 16
 
 
 # -- choosing a configuration ---------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def default_config(cin: int, cout: int) -> dict:
     """An untuned block configuration for 16-bit inputs of a layer shape."""
     entry = {"provider": "cudnn", "num_stages": 3, "tuned": False}
@@ -103,7 +99,7 @@ def default_config(cin: int, cout: int) -> dict:
         # Gathered element by element: small tiles keep registers from spilling
         # (tests/test_compile_sm90.py prints the resource report).
         return {**entry, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4}
-    block_n = min(128, max(16, _next_pow2(cout)))
+    block_n = min(128, max(16, _backend.next_pow2(cout)))
     block_k = next(bk for bk in (64, 32, 16) if cin % bk == 0 or bk == 16)
     warps = 8 if block_n >= 128 else 4
     return {**entry, "BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
@@ -133,7 +129,7 @@ def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
 def candidate_configs(cin: int, cout: int, limit: int = 8) -> list[dict]:
     """At most ``limit`` block configurations worth timing for a layer shape (bf16)."""
     default = default_config(cin, cout)
-    cap_n = max(16, min(128, _next_pow2(cout)))
+    cap_n = max(16, min(128, _backend.next_pow2(cout)))
     flat = cin < K_FLAT_BELOW
     grid = [
         (default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_K"], default["num_warps"], 3),
@@ -149,7 +145,7 @@ def candidate_configs(cin: int, cout: int, limit: int = 8) -> list[dict]:
     out, seen = [], set()
     for bm, bn, bk, warps, stages in grid:
         bn = min(bn, cap_n)
-        bk = 16 if flat else (bk if cin >= bk else max(16, _next_pow2(cin)))
+        bk = 16 if flat else (bk if cin >= bk else max(16, _backend.next_pow2(cin)))
         key = (bm, bn, bk, warps, stages)
         if key not in seen:
             seen.add(key)
@@ -176,12 +172,16 @@ def autotuned_config(x, packed, bias, padding: str, input_precision: str, launch
         from triton.testing import do_bench
 
         best = (float("inf"), kernel_config(cin, cout, x.dtype))
-        for cfg in candidate_configs(cin, cout):
-            cfg = _for_dtype(cfg, x.dtype)
-            try:
-                t = do_bench(lambda cfg=cfg: launch(x, packed, bias, padding, input_precision, cfg))
-            except OutOfResources:  # too much shared memory for this GPU
-                continue
-            best = min(best, (t, cfg), key=lambda b: b[0])
+        # do_bench's events, synchronisations and cache flush use the current CUDA device.
+        with _backend.on_device(x):
+            for cfg in candidate_configs(cin, cout):
+                cfg = _for_dtype(cfg, x.dtype)
+                try:
+                    t = do_bench(
+                        lambda cfg=cfg: launch(x, packed, bias, padding, input_precision, cfg)
+                    )
+                except OutOfResources:  # too much shared memory for this GPU
+                    continue
+                best = min(best, (t, cfg), key=lambda b: b[0])
         _AUTOTUNED[key] = best[1]
     return _AUTOTUNED[key]

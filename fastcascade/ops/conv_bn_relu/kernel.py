@@ -225,23 +225,24 @@ def _launch(
         return y
     # Plain integer ceil-divisions: triton.cdiv called from Python costs ~10 µs each.
     grid = ((-(-m // cfg["BLOCK_M"])) * (-(-cout // cfg["BLOCK_N"])),)
-    _conv3x3x3_bias_relu_kernel[grid](
-        x,
-        packed,
-        bias,
-        y,
-        m,
-        cin,
-        cout,
-        packed.shape[1],
-        *x.shape[2:],
-        *y.shape[2:],
-        x.stride(0),
-        *x.stride()[2:],
-        **constexprs,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    with _backend.on_device(x):
+        _conv3x3x3_bias_relu_kernel[grid](
+            x,
+            packed,
+            bias,
+            y,
+            m,
+            cin,
+            cout,
+            packed.shape[1],
+            *x.shape[2:],
+            *y.shape[2:],
+            x.stride(0),
+            *x.stride()[2:],
+            **constexprs,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     return y
 
 
