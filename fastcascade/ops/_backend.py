@@ -100,7 +100,7 @@ def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     >>> with on_device(torch.zeros(1)):  # CPU tensor: nothing happens
     ...     pass
     """
-    if on_cuda(tensor):
+    if tensor.device.type == "cuda":  # the device itself: on_cuda may be stood in for
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
 
